@@ -1,0 +1,143 @@
+"""Configuration of DiffLlama: a Llama with differential attention (arXiv 2410.05258 and its 2026 revision).
+
+This file and `modeling_diff.py` are the code a Hub repository carries: they import only `torch`, `transformers`
+and each other.
+"""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, LlamaConfig
+
+MODEL_TYPE = "diff_llama"
+
+# Every Auto class a saved checkpoint names. A missing entry is not harmless: transformers would resolve that Auto
+# class by our config's class name to its own, incompatible `diffllama` model.
+AUTO_MAP = {
+    "AutoConfig": "configuration_diff.DiffLlamaConfig",
+    "AutoModel": "modeling_diff.DiffLlamaModel",
+    "AutoModelForCausalLM": "modeling_diff.DiffLlamaForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_diff.DiffLlamaForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_diff.DiffLlamaForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_diff.DiffLlamaForQuestionAnswering",
+}
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def paper_lambda_init(layer_idx: int) -> float:
+    """The paper's λ_init schedule, `0.8 − 0.6·exp(−0.3·l)` for the 0-based layer index l."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+@strict
+class DiffLlamaConfig(LlamaConfig):
+    r"""
+    A [`LlamaConfig`] whose attention is differential. Every Llama field keeps its meaning, except the head fields
+    below; the differential fields are new.
+
+    Args:
+        num_attention_heads (`int`, defaults to 32):
+            h, the number of differential heads. Each has two query maps of width `head_dim`.
+        num_key_value_heads (`int`, *optional*, defaults to `num_attention_heads`):
+            h_kv, the number of key/value heads (GQA when smaller than h; h must be a multiple of it). Version 1: each
+            has two key maps of width `head_dim` and a value of width `2·head_dim`. Version 2: one key and one value
+            of width `head_dim`, as in Llama.
+        head_dim (`int`, *optional*):
+            d, the width of one softmax map's queries and keys. Defaults to `hidden_size // (2·num_attention_heads)`
+            for version 1 (the paper's parameter matching) and `hidden_size // num_attention_heads` for version 2.
+        diff_version (`int`, defaults to 1):
+            1: the paper, `(softmax(Q1 K1ᵀ/√d) − λ·softmax(Q2 K2ᵀ/√d)) V` per head with V of width 2d, a learned
+            λ per layer, then a per-head RMS norm times `(1 − λ_init)`.
+            2: the 2026 revision, two query heads per output head over Llama's own keys and values,
+            `A1 V − sigmoid(lambda_proj(x))·A2 V`, no λ vectors and no head norm.
+        lambda_init (`float` or `list[float]`, *optional*):
+            Version 1 only. λ_init, in [0, 1): `None` for the paper's schedule `0.8 − 0.6·exp(−0.3·l)` (layer index l
+            from 0), one float for every layer, or a list with one value per layer.
+        lambda_std_dev (`float`, defaults to 0.1):
+            Version 1 only. Standard deviation of the normal initialisation of the four λ vectors.
+        use_head_norm (`bool`, defaults to `True`):
+            Version 1 only. The paper's per-head RMS norm (with a learnable gain) and the `(1 − λ_init)` scale after
+            it. A conversion that must compute its source's function exactly at step 0 turns it off; the paper's
+            ablation shows the norm matters for training from scratch, so leave it on otherwise.
+    """
+
+    model_type = MODEL_TYPE
+
+    diff_version: int = 1
+    lambda_init: float | list[float] | None = None
+    lambda_std_dev: float = 0.1
+    use_head_norm: bool = True
+    auto_map: dict[str, str] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            maps_per_head = 2 if self.diff_version == 1 else 1
+            self.head_dim = self.hidden_size // (maps_per_head * self.num_attention_heads)
+        if self.auto_map is None:  # `auto_map` arrives through kwargs when it was saved
+            self.auto_map = {}
+        self.auto_map = {**AUTO_MAP, **self.auto_map}
+        self._check(kwargs.get("attn_implementation"))
+        super().__post_init__(**kwargs)
+
+    def _check(self, attn_implementation: str | None) -> None:
+        """Refuse, with the numbers, what cannot build a working model (raised here, unwrapped, as ValueError)."""
+        h, h_kv, d = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        if self.diff_version not in (1, 2):
+            raise ValueError(f"diff_version ({self.diff_version}) must be 1 (the paper) or 2 (the 2026 revision).")
+        if h <= 0 or h_kv <= 0 or h % h_kv:
+            raise ValueError(
+                f"num_attention_heads ({h}) must be a positive multiple of num_key_value_heads ({h_kv}): each "
+                "differential head reads one key/value head."
+            )
+        if d <= 0 or d % 2:
+            raise ValueError(
+                f"head_dim ({d}) must be a positive even number (rotary embeddings rotate pairs of dimensions); "
+                f"with hidden_size ({self.hidden_size}) and num_attention_heads ({h}) the default is too small, "
+                "so set head_dim explicitly or use fewer heads."
+            )
+        if self.lambda_std_dev < 0:
+            raise ValueError(f"lambda_std_dev ({self.lambda_std_dev}) must be >= 0.")
+        if isinstance(self.lambda_init, list) and len(self.lambda_init) != self.num_hidden_layers:
+            raise ValueError(
+                f"lambda_init has {len(self.lambda_init)} values but num_hidden_layers is {self.num_hidden_layers}: "
+                "give one value per layer, a single float, or None for the paper's schedule."
+            )
+        for layer_idx in range(self.num_hidden_layers):
+            value = self.lambda_init_for(layer_idx)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"lambda_init for layer {layer_idx} is {value}; it must lie in [0, 1) because the head output "
+                    "is scaled by (1 - lambda_init)."
+                )
+        if attn_implementation is not None and attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation {attn_implementation!r} is not supported by DiffLlama; use one of "
+                f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
+            )
+
+    def validate_architecture(self):
+        """Llama's check (hidden_size divisible by heads) does not apply: head_dim is set independently here."""
+
+    def lambda_init_for(self, layer_idx: int) -> float:
+        """λ_init of one layer (version 1)."""
+        if self.lambda_init is None:
+            return paper_lambda_init(layer_idx)
+        if isinstance(self.lambda_init, list):
+            return float(self.lambda_init[layer_idx])
+        return float(self.lambda_init)
+
+
+AutoConfig.register(MODEL_TYPE, DiffLlamaConfig, exist_ok=True)
+DiffLlamaConfig.register_for_auto_class()
+
+# Importing the config must already map it to our models: transformers resolves a config to a model by class name,
+# and `DiffLlamaConfig` is also the name of its built-in, incompatible `diffllama`. When `modeling_diff` is the
+# module being imported, this finds it half-built in `sys.modules` and does nothing (it registers itself when it
+# finishes). The relative form also makes transformers copy `modeling_diff.py` next to this file from a Hub snapshot.
+try:
+    from .modeling_diff import __name__ as _modeling_module  # noqa: E402, F401
+except ImportError:  # imported as a top-level module, not from a Hub snapshot
+    import modeling_diff  # noqa: E402, F401
