@@ -9,7 +9,7 @@ h_kv = num_key_value_heads, d = head_dim and g = i // (h // h_kv) the key/value 
 
 Version 1 (the paper): `q_proj` hidden → 2h·d, map-head 2i+s is Q_{s+1} of head i; `k_proj` hidden → 2h_kv·d,
 map-head 2g+s is K_{s+1} of KV head g; `v_proj` hidden → h_kv·2d; `o_proj` h·2d → hidden; λ vectors
-`lambda_{q1,k1,q2,k2}` of size d; `head_norm` an RMS norm with gain over 2d.
+`lambdas.lambda_{q1,k1,q2,k2}` of size d; `head_norm` an RMS norm with gain over 2d.
 
 Version 2: `q_proj` hidden → 2h·d as above; `k_proj`, `v_proj` hidden → h_kv·d and `o_proj` h·d → hidden, as in
 Llama; `lambda_proj` hidden → h, no bias.
@@ -26,6 +26,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
+from transformers import initialization as init
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
     GenericForSequenceClassification,
@@ -49,6 +50,30 @@ try:
     from .configuration_diff import DiffLlamaConfig
 except ImportError:  # imported as a top-level module, not from a Hub snapshot
     from configuration_diff import DiffLlamaConfig
+
+
+class DiffLlamaLambda(nn.Module):
+    """The learned scalar λ of one version-1 layer, `exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init`.
+
+    A module of its own (not four loose parameters on the attention) so that PEFT can train and save it through
+    `modules_to_save`.
+    """
+
+    def __init__(self, head_dim: int, lambda_init: float):
+        super().__init__()
+        self.lambda_init = lambda_init
+        self.lambda_q1 = nn.Parameter(torch.zeros(head_dim))
+        self.lambda_k1 = nn.Parameter(torch.zeros(head_dim))
+        self.lambda_q2 = nn.Parameter(torch.zeros(head_dim))
+        self.lambda_k2 = nn.Parameter(torch.zeros(head_dim))
+
+    def forward(self) -> torch.Tensor:
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dtype=torch.float32))
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dtype=torch.float32))
+        return lambda_1 - lambda_2 + self.lambda_init
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.lambda_q1.shape[0]}, lambda_init={self.lambda_init:.4f}"
 
 
 class DiffLlamaAttention(nn.Module):
@@ -89,10 +114,7 @@ class DiffLlamaAttention(nn.Module):
             self.v_proj = nn.Linear(config.hidden_size, h_kv * 2 * d, bias=bias)
             self.o_proj = nn.Linear(h * 2 * d, config.hidden_size, bias=bias)
             self.lambda_init = config.lambda_init_for(layer_idx)
-            self.lambda_q1 = nn.Parameter(torch.zeros(d))
-            self.lambda_k1 = nn.Parameter(torch.zeros(d))
-            self.lambda_q2 = nn.Parameter(torch.zeros(d))
-            self.lambda_k2 = nn.Parameter(torch.zeros(d))
+            self.lambdas = DiffLlamaLambda(d, self.lambda_init)
             self.head_norm = LlamaRMSNorm(2 * d, eps=config.rms_norm_eps) if config.use_head_norm else None
         else:
             # One call with the 2h map-heads: adjacent pairs (2i, 2i+1) fall in the same group of 2h // h_kv.
@@ -147,10 +169,7 @@ class DiffLlamaAttention(nn.Module):
         # (B, h_kv, S, 2d) -> K1 and K2, each (B, h_kv, S, d)
         key_1, key_2 = key[..., :d], key[..., d:]
 
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dtype=torch.float32))
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dtype=torch.float32))
-        lambda_full = lambda_1 - lambda_2 + self.lambda_init
-
+        lambda_full = self.lambdas()
         # Each map: (B, T, h, 2d) = softmax(Q_s K_sᵀ/√d) V
         out_1, map_1 = self._attend_wide_value(attend, query[:, :, 0], key_1, value, attention_mask, attend_kwargs)
         out_2, map_2 = self._attend_wide_value(attend, query[:, :, 1], key_2, value, attention_mask, attend_kwargs)
@@ -217,10 +236,9 @@ class DiffLlamaPreTrainedModel(LlamaPreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, DiffLlamaAttention) and module.version == 1:
-            std = self.config.lambda_std_dev
+        if isinstance(module, DiffLlamaLambda):
             for vector in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
-                nn.init.normal_(vector, mean=0.0, std=std)
+                init.normal_(vector, mean=0.0, std=self.config.lambda_std_dev)
 
 
 class DiffLlamaModel(DiffLlamaPreTrainedModel, LlamaModel):
@@ -274,6 +292,7 @@ for _auto_class, _model_class in AUTO_CLASSES.items():
     _model_class.register_for_auto_class(_auto_class.__name__)
 
 __all__ = [
+    "DiffLlamaLambda",
     "DiffLlamaAttention",
     "DiffLlamaDecoderLayer",
     "DiffLlamaPreTrainedModel",
