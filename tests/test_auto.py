@@ -1,0 +1,154 @@
+"""Auto classes, the built-in `diffllama` living side by side with ours, and remote code."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+from transformers import DiffLlamaConfig as BuiltinDiffLlamaConfig
+from transformers.models.diffllama import modeling_diffllama as builtin
+
+import configuration_diff
+import modeling_diff
+from conftest import ROOT, tiny_config
+
+AUTO_CLASSES = {
+    AutoModel: modeling_diff.DiffLlamaModel,
+    AutoModelForCausalLM: modeling_diff.DiffLlamaForCausalLM,
+    AutoModelForSequenceClassification: modeling_diff.DiffLlamaForSequenceClassification,
+    AutoModelForTokenClassification: modeling_diff.DiffLlamaForTokenClassification,
+    AutoModelForQuestionAnswering: modeling_diff.DiffLlamaForQuestionAnswering,
+}
+
+
+@pytest.mark.parametrize("auto_class", AUTO_CLASSES, ids=lambda c: c.__name__)
+def test_from_config_gives_our_class(auto_class):
+    assert type(auto_class.from_config(tiny_config())) is AUTO_CLASSES[auto_class]
+
+
+@pytest.mark.parametrize("auto_class", AUTO_CLASSES, ids=lambda c: c.__name__)
+def test_every_auto_class_loads_a_saved_causal_lm(tmp_path, auto_class):
+    modeling_diff.DiffLlamaForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    assert type(auto_class.from_pretrained(tmp_path)) is AUTO_CLASSES[auto_class]
+
+
+def test_save_writes_every_auto_class_and_both_code_files(tmp_path):
+    modeling_diff.DiffLlamaForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "diff_llama"
+    assert set(config["auto_map"]) == {"AutoConfig", *(c.__name__ for c in AUTO_CLASSES)}
+    for name in ("configuration_diff.py", "modeling_diff.py"):
+        assert (tmp_path / name).read_bytes() == (ROOT / name).read_bytes(), f"{name} differs from the package"
+    assert AutoConfig.from_pretrained(tmp_path).__class__ is configuration_diff.DiffLlamaConfig
+
+
+def test_sequence_classification_head_runs():
+    model = modeling_diff.DiffLlamaForSequenceClassification(tiny_config(num_labels=3)).eval()
+    ids = torch.randint(1, 128, (2, 7))
+    assert model(ids).logits.shape == (2, 3)
+
+
+def test_builtin_diffllama_still_loads_its_own_class(tmp_path):
+    config = BuiltinDiffLlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    assert type(model) is builtin.DiffLlamaForCausalLM
+    model.save_pretrained(tmp_path)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is builtin.DiffLlamaForCausalLM
+    assert type(AutoConfig.from_pretrained(tmp_path)) is BuiltinDiffLlamaConfig
+
+
+def _run_isolated(code: str, tmp_path: Path, block_package: bool) -> str:
+    """Run `code` in a fresh interpreter whose sys.path does not reach this checkout."""
+    prelude = "import sys\n"
+    if block_package:
+        # A clean sys.path, and a None entry in sys.modules, which makes any import of these names fail.
+        prelude += (
+            f"sys.path[:] = [p for p in sys.path if p not in ('', {str(ROOT)!r})]\n"
+            "sys.modules['configuration_diff'] = sys.modules['modeling_diff'] = sys.modules['conversion'] = None\n"
+        )
+    else:
+        prelude += f"sys.path.insert(0, {str(ROOT)!r})\n"
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_remote_code_loads_without_this_package(tmp_path, version):
+    model = modeling_diff.DiffLlamaForCausalLM(tiny_config(diff_version=version)).eval()
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    ids = torch.randint(1, 128, (2, 9))
+    torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
+    out = _run_isolated(
+        f"""
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        assert type(model).__name__ == "DiffLlamaForCausalLM"
+        assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(base).__name__ == "DiffLlamaModel" and type(base).__module__.startswith("transformers_modules.")
+        print("remote ok")
+        """,
+        tmp_path,
+        block_package=True,
+    )
+    assert "remote ok" in out
+
+
+def test_remote_config_then_from_config_never_gives_the_builtin_model(tmp_path):
+    folder = tmp_path / "checkpoint"
+    modeling_diff.DiffLlamaForCausalLM(tiny_config()).save_pretrained(folder)
+    out = _run_isolated(
+        f"""
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+        print(type(model).__module__)
+        """,
+        tmp_path,
+        block_package=True,
+    )
+    assert out.strip().startswith("transformers_modules.")
+
+
+@pytest.mark.parametrize("first_import", ["configuration_diff", "modeling_diff"])
+def test_no_import_order_hands_out_the_builtin_model(tmp_path, first_import):
+    out = _run_isolated(
+        f"""
+        import {first_import}
+        from configuration_diff import DiffLlamaConfig
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+        config = DiffLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2)
+        for auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification):
+            print(type(auto_class.from_config(config)).__module__)
+        """,
+        tmp_path,
+        block_package=False,
+    )
+    assert out.split() == ["modeling_diff"] * 3
