@@ -15,8 +15,6 @@ Version 2: `q_proj` hidden → 2h·d as above; `k_proj`, `v_proj` hidden → h_k
 Llama; `lambda_proj` hidden → h, no bias.
 """
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers import (
@@ -89,8 +87,17 @@ class DiffLlamaAttention(nn.Module):
 
         head_i = softmax(Q1 K_gᵀ/√d) V_g − sigmoid(W_λ x)_i·softmax(Q2 K_gᵀ/√d) V_g
 
-    Each softmax map is one call of the configured attention function (eager, SDPA, FlashAttention-2), so the
-    kernels, masks and GQA handling are transformers' own; this class only builds the maps and subtracts them.
+    Both versions run as a single call of the configured attention function (eager, SDPA, FlashAttention-2) with
+    the 2h query maps as query heads, adjacent pairs (2i, 2i+1) in the same GQA group; the two maps of each head
+    are then subtracted. Masks, GQA and kernels are therefore transformers' own.
+
+    Version 1 needs one trick to fit that call: each KV head caches its two key maps side by side, [K1 | K2] of
+    width 2d, and query map s is widened to 2d with zeros over the other key map, so its dot product with that key
+    is exactly Q_s·K_sᵀ and both maps read the 2d-wide value in the same pass. Query, key and value widths are then
+    equal, which CPU SDPA's fast kernel, CUDA flash SDPA and FlashAttention-2 require, and no key is copied; the
+    price is multiplying zeros in QKᵀ. On CPU (fp32, 2048 tokens) this one call costs 1.7–1.8× a Llama's attention
+    kernel, against 2.0–2.1× for four calls over the value's halves and 4.7× for SDPA with a wider value (which
+    drops to the math kernel); `benchmarks/` has the full measurements.
     """
 
     def __init__(self, config: DiffLlamaConfig, layer_idx: int):
@@ -98,30 +105,25 @@ class DiffLlamaAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.version = config.diff_version
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
+        self.num_heads = h = config.num_attention_heads
+        self.num_key_value_heads = h_kv = config.num_key_value_heads
         self.head_dim = d = config.head_dim
-        self.scaling = d**-0.5
+        self.num_key_value_groups = 2 * h // h_kv  # query maps per KV head
+        self.scaling = d**-0.5  # the width of one map, also when version 1 pads queries to 2d
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        h, h_kv, bias = self.num_heads, self.num_key_value_heads, config.attention_bias
+        value_width = 2 * d if self.version == 1 else d
+        key_maps = 2 if self.version == 1 else 1
 
-        self.q_proj = nn.Linear(config.hidden_size, 2 * h * d, bias=bias)
+        self.q_proj = nn.Linear(config.hidden_size, 2 * h * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, key_maps * h_kv * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, h_kv * value_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(h * value_width, config.hidden_size, bias=config.attention_bias)
         if self.version == 1:
-            # Each softmax call pairs h query maps with h_kv key maps.
-            self.num_key_value_groups = h // h_kv
-            self.k_proj = nn.Linear(config.hidden_size, 2 * h_kv * d, bias=bias)
-            self.v_proj = nn.Linear(config.hidden_size, h_kv * 2 * d, bias=bias)
-            self.o_proj = nn.Linear(h * 2 * d, config.hidden_size, bias=bias)
             self.lambda_init = config.lambda_init_for(layer_idx)
             self.lambdas = DiffLlamaLambda(d, self.lambda_init)
             self.head_norm = LlamaRMSNorm(2 * d, eps=config.rms_norm_eps) if config.use_head_norm else None
         else:
-            # One call with the 2h map-heads: adjacent pairs (2i, 2i+1) fall in the same group of 2h // h_kv.
-            self.num_key_value_groups = 2 * h // h_kv
-            self.k_proj = nn.Linear(config.hidden_size, h_kv * d, bias=bias)
-            self.v_proj = nn.Linear(config.hidden_size, h_kv * d, bias=bias)
-            self.o_proj = nn.Linear(h * d, config.hidden_size, bias=bias)
             self.lambda_proj = nn.Linear(config.hidden_size, h, bias=False)
 
     def forward(
@@ -134,79 +136,50 @@ class DiffLlamaAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq_len, _ = hidden_states.shape
         cache = kwargs.pop("past_key_values", cache)  # the argument's name before transformers 5.x renamed it
-        # (B, T, 2h·d) -> (B, 2h, T, d): map-head 2i+s is query map s of head i
-        query = self.q_proj(hidden_states).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        # version 1: (B, 2h_kv, T, d), map-head 2g+s is key map s of KV head g; version 2: (B, h_kv, T, d)
-        key = self.k_proj(hidden_states).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        # version 1: (B, h_kv, T, 2d); version 2: (B, h_kv, T, d)
-        value = self.v_proj(hidden_states).view(batch, seq_len, self.num_key_value_heads, -1).transpose(1, 2)
+        d, h, h_kv = self.head_dim, self.num_heads, self.num_key_value_heads
 
+        # Rotary embeddings act on every d-wide map: queries (B, T, 2h, d), keys (B, T, 2h_kv or h_kv, d)
+        query = self.q_proj(hidden_states).view(batch, seq_len, 2 * h, d)
+        key = self.k_proj(hidden_states).view(batch, seq_len, -1, d)
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
         if self.version == 1:
-            # (B, 2h_kv, T, d) -> (B, h_kv, T, 2d) = [K1 | K2]: the cache then holds h_kv heads for keys and
-            # values alike, which static caches require.
-            key = key.view(batch, self.num_key_value_heads, 2, seq_len, self.head_dim).transpose(2, 3)
-            key = key.reshape(batch, self.num_key_value_heads, seq_len, 2 * self.head_dim)
+            query = self._select_key_maps(query)  # (B, T, 2h, 2d)
+        query = query.transpose(1, 2)  # (B, 2h, T, d or 2d)
+        # Version 1: (B, h_kv, T, 2d) = [K1 | K2] of each KV head; version 2: (B, h_kv, T, d)
+        key = key.reshape(batch, seq_len, h_kv, -1).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, seq_len, h_kv, -1).transpose(1, 2)  # (B, h_kv, T, 2d or d)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        attend_kwargs = dict(dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+        dropout = self.attention_dropout if self.training else 0.0
+        output, maps = attend(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
+
+        # (B, T, 2h, w) -> (B, T, h, 2, w): the two maps of each head side by side; then A1 V − λ·A2 V
+        output = output.view(batch, seq_len, h, 2, -1)
         if self.version == 1:
-            output, weights = self._differential_v1(attend, query, key, value, attention_mask, attend_kwargs)
+            lambda_out = lambda_maps = self.lambdas().to(output.dtype)  # one scalar for the layer
         else:
-            output, weights = self._differential_v2(
-                attend, query, key, value, attention_mask, attend_kwargs, hidden_states
-            )
-        output = self.o_proj(output.reshape(batch, seq_len, -1))
-        return output, weights
-
-    def _differential_v1(self, attend, query, key, value, attention_mask, attend_kwargs):
-        batch, _, seq_len, d = query.shape
-        # (B, 2h, T, d) -> two (B, h, T, d) views: Q1 and Q2
-        query = query.view(batch, self.num_heads, 2, seq_len, d)
-        # (B, h_kv, S, 2d) -> K1 and K2, each (B, h_kv, S, d)
-        key_1, key_2 = key[..., :d], key[..., d:]
-
-        lambda_full = self.lambdas()
-        # Each map: (B, T, h, 2d) = softmax(Q_s K_sᵀ/√d) V
-        out_1, map_1 = self._attend_wide_value(attend, query[:, :, 0], key_1, value, attention_mask, attend_kwargs)
-        out_2, map_2 = self._attend_wide_value(attend, query[:, :, 1], key_2, value, attention_mask, attend_kwargs)
-        output = out_1 - lambda_full.to(out_2.dtype) * out_2  # (B, T, h, 2d)
-        if self.head_norm is not None:
+            gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, h), one λ per token and head
+            lambda_out, lambda_maps = gate.unsqueeze(-1), gate.transpose(1, 2).unsqueeze(-1)
+        output = output[..., 0, :] - lambda_out * output[..., 1, :]  # (B, T, h, w)
+        if self.version == 1 and self.head_norm is not None:
             output = self.head_norm(output) * (1.0 - self.lambda_init)
-        weights = None if map_1 is None else map_1 - lambda_full.to(map_2.dtype) * map_2  # (B, h, T, S)
-        return output, weights
+        output = self.o_proj(output.reshape(batch, seq_len, -1))
 
-    def _attend_wide_value(self, attend, query, key, value, attention_mask, attend_kwargs):
-        """One softmax map applied to a value twice as wide as the query.
+        if maps is not None:  # eager: (B, 2h, T, S) -> the differential map A1 − λ·A2, (B, h, T, S)
+            maps = maps.view(batch, h, 2, seq_len, -1)
+            maps = maps[:, :, 0] - lambda_maps.to(maps.dtype) * maps[:, :, 1]
+        return output, maps
 
-        CPU SDPA's fast kernel and FlashAttention-2 need equal query and value widths: with a 2d-wide value CPU SDPA
-        falls back to its math kernel (measured 5.4x slower than a plain call), while two calls over the value's
-        halves cost 1.96x. Eager handles any width in one pass, and CUDA SDPA's memory-efficient and cuDNN kernels
-        accept the wider value, so there one call computes each map once.
-        """
-        implementation = self.config._attn_implementation
-        if implementation in (None, "eager") or (implementation == "sdpa" and query.device.type == "cuda"):
-            return attend(self, query, key, value, attention_mask, **attend_kwargs)
+    def _select_key_maps(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, T, 2h, d) -> (B, T, 2h, 2d): map s of each head padded with zeros where the other key map sits."""
         d = self.head_dim
-        out_a, weights = attend(self, query, key, value[..., :d], attention_mask, **attend_kwargs)
-        out_b, _ = attend(self, query, key, value[..., d:], attention_mask, **attend_kwargs)
-        return torch.cat((out_a, out_b), dim=-1), weights
-
-    def _differential_v2(self, attend, query, key, value, attention_mask, attend_kwargs, hidden_states):
-        batch, _, seq_len, d = query.shape
-        # One call over all 2h map-heads: (B, T, 2h, d), and (B, 2h, T, S) maps for eager
-        output, maps = attend(self, query, key, value, attention_mask, **attend_kwargs)
-        output = output.view(batch, seq_len, self.num_heads, 2, d)  # (B, T, h, 2, d)
-        lambda_full = torch.sigmoid(self.lambda_proj(hidden_states)).unsqueeze(-1)  # (B, T, h, 1)
-        output = output[..., 0, :] - lambda_full * output[..., 1, :]  # (B, T, h, d)
-        weights = None
-        if maps is not None:
-            maps = maps.view(batch, self.num_heads, 2, seq_len, -1)  # (B, h, 2, T, S)
-            weights = maps[:, :, 0] - lambda_full.transpose(1, 2).to(maps.dtype) * maps[:, :, 1]
-        return output, weights
+        query = query.unflatten(2, (self.num_heads, 2))  # (B, T, h, 2, d)
+        first = nn.functional.pad(query[..., 0, :], (0, d))  # [Q1 | 0]
+        second = nn.functional.pad(query[..., 1, :], (d, 0))  # [0 | Q2]
+        return torch.stack((first, second), dim=3).flatten(2, 3)
 
 
 class DiffLlamaDecoderLayer(LlamaDecoderLayer):
