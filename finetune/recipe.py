@@ -180,6 +180,14 @@ def finetune(
         )
     base.config.use_cache = False  # a training forward pass has no use for a cache, and checkpointing refuses one
 
+    # Seeded before the adapter exists: LoRA's A matrices are drawn when it is built.
+    torch.manual_seed(seed)
+    trained = prepare_model(
+        base, mode=mode, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, second_maps=second_maps
+    )
+    parameters = count_parameters(trained)
+    logger.info(f"{mode} fine-tuning of {model}: {parameters['trainable']:,} of {parameters['total']:,} parameters train")
+
     tokens_per_step = batch_size * gradient_accumulation_steps * block_size
     corpus = build_corpus(
         data,
@@ -189,14 +197,6 @@ def finetune(
         max_train_tokens=steps * tokens_per_step if max_train_tokens is None else max_train_tokens,
         max_eval_tokens=max_eval_tokens,
     )
-
-    # Seeded before the adapter exists: LoRA's A matrices are drawn when it is built.
-    torch.manual_seed(seed)
-    trained = prepare_model(
-        base, mode=mode, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, second_maps=second_maps
-    )
-    parameters = count_parameters(trained)
-    logger.info(f"{mode} fine-tuning of {model}: {parameters['trainable']:,} of {parameters['total']:,} parameters train")
 
     args = TrainingArguments(
         **{
@@ -216,7 +216,8 @@ def finetune(
             "bf16": bf16,
             "seed": seed,
             "report_to": "none",
-            "dataloader_num_workers": 0,
+            "dataloader_num_workers": 0,  # blocks are in memory already
+            "dataloader_pin_memory": torch.cuda.is_available(),
             **(training_args or {}),
         }
     )

