@@ -19,6 +19,16 @@ def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
+def rotary_interleaved(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """GPT-J style RoPE, as in the paper's released code: rotates dimension pairs (2j, 2j+1)."""
+    seq_len, d = x.shape
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = x[:, 0::2], x[:, 1::2]
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(1)
+
+
 def causal_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     scores = q @ k.T / math.sqrt(q.shape[-1])
     seq_len = scores.shape[0]
@@ -35,32 +45,50 @@ def _project(x, w, name):
     return out + w[f"{name}.bias"] if f"{name}.bias" in w else out
 
 
-def reference_v1(attention, x: torch.Tensor, theta: float, rms_norm_eps: float) -> torch.Tensor:
-    """(B, T, hidden) -> (B, T, hidden), the paper's formula head by head."""
-    w = _weights(attention)
-    h, h_kv, d = attention.num_heads, attention.num_key_value_heads, attention.head_dim
-    lambda_init = attention.lambda_init
-    lam = (
-        math.exp(float(w["lambdas.lambda_q1"] @ w["lambdas.lambda_k1"]))
-        - math.exp(float(w["lambdas.lambda_q2"] @ w["lambdas.lambda_k2"]))
-        + lambda_init
-    )
+def differential_v1(w, h, h_kv, d, lambda_init, x, rope, rms_norm_eps, names=None):
+    """The paper's attention from a dict of float64 weights; `names` renames o_proj / head_norm / lambdas."""
+    names = {"o_proj": "o_proj", "head_norm": "head_norm", "lambda": "lambdas.lambda", **(names or {})}
+    lam_q1, lam_k1, lam_q2, lam_k2 = (w[f"{names['lambda']}_{n}"] for n in ("q1", "k1", "q2", "k2"))
+    lam = math.exp(float(lam_q1 @ lam_k1)) - math.exp(float(lam_q2 @ lam_k2)) + lambda_init
+    gain = w.get(f"{names['head_norm']}.weight")
     outputs = []
     for xb in x.double():
         q, k, v = _project(xb, w, "q_proj"), _project(xb, w, "k_proj"), _project(xb, w, "v_proj")
         heads = []
         for i in range(h):
             g = i // (h // h_kv)
-            q1, q2 = (rotary(q[:, (2 * i + s) * d : (2 * i + s + 1) * d], theta) for s in (0, 1))
-            k1, k2 = (rotary(k[:, (2 * g + s) * d : (2 * g + s + 1) * d], theta) for s in (0, 1))
+            q1, q2 = (rope(q[:, (2 * i + s) * d : (2 * i + s + 1) * d]) for s in (0, 1))
+            k1, k2 = (rope(k[:, (2 * g + s) * d : (2 * g + s + 1) * d]) for s in (0, 1))
             value = v[:, g * 2 * d : (g + 1) * 2 * d]
             head = (causal_softmax(q1, k1) - lam * causal_softmax(q2, k2)) @ value
-            if "head_norm.weight" in w:
+            if gain is not None:
                 rms = torch.sqrt(head.pow(2).mean(-1, keepdim=True) + rms_norm_eps)
-                head = head / rms * w["head_norm.weight"] * (1 - lambda_init)
+                head = head / rms * gain * (1 - lambda_init)
             heads.append(head)
-        outputs.append(_project(torch.cat(heads, dim=-1), w, "o_proj"))
+        outputs.append(_project(torch.cat(heads, dim=-1), w, names["o_proj"]))
     return torch.stack(outputs)
+
+
+def reference_v1(attention, x: torch.Tensor, theta: float, rms_norm_eps: float) -> torch.Tensor:
+    """(B, T, hidden) -> (B, T, hidden), the paper's formula head by head."""
+    return differential_v1(
+        _weights(attention),
+        attention.num_heads,
+        attention.num_key_value_heads,
+        attention.head_dim,
+        attention.lambda_init,
+        x,
+        lambda t: rotary(t, theta),
+        rms_norm_eps,
+    )
+
+
+def reference_paper_layout(state, prefix, h, h_kv, d, lambda_init, x, theta, rms_norm_eps):
+    """One attention layer given in the paper's released layout: out_proj, subln, interleaved rotary."""
+    w = {k[len(prefix) :]: v.double() for k, v in state.items() if k.startswith(prefix)}
+    names = {"o_proj": "out_proj", "head_norm": "subln", "lambda": "lambda"}
+    rope = lambda t: rotary_interleaved(t, theta)  # noqa: E731
+    return differential_v1(w, h, h_kv, d, lambda_init, x, rope, rms_norm_eps, names)
 
 
 def reference_v2(attention, x: torch.Tensor, theta: float) -> torch.Tensor:
