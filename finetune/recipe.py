@@ -168,6 +168,9 @@ def finetune(
             raise FileNotFoundError(f"model folder {model} does not exist")
     checkpoints = output / CHECKPOINTS_DIR
     resume_from = _resume_checkpoint(resume, checkpoints)
+    if not resume and checkpoints.is_dir() and get_last_checkpoint(str(checkpoints)) is not None:
+        # Their step numbers would interleave with this run's, and a later --resume could pick one of them.
+        logger.warning(f"{checkpoints} holds checkpoints of an earlier run; pass resume=True to continue it")
 
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     load_kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
@@ -186,7 +189,7 @@ def finetune(
         base, mode=mode, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, second_maps=second_maps
     )
     parameters = count_parameters(trained)
-    logger.info(f"{mode} fine-tuning of {model}: {parameters['trainable']:,} of {parameters['total']:,} parameters train")
+    logger.info(f"{mode} fine-tuning of {model}: {parameters['trainable']:,} of {parameters['total']:,} parameters")
 
     tokens_per_step = batch_size * gradient_accumulation_steps * block_size
     corpus = build_corpus(

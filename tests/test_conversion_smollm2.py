@@ -58,7 +58,7 @@ def test_preserve_matches_the_source(smollm2, reference, strategy, tmp_path, mon
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     h, d, hidden, layers = 9, 64, 576, 30
-    added = hidden * h * d + hidden * h if strategy == "v2" else 2 * hidden * (h + 2 * 3) * d + 4 * d
+    added = hidden * h * d + hidden * h if strategy == "v2" else 2 * hidden * (h + 3) * d + 4 * d
     assert model.num_parameters() == smollm2[1].num_parameters() + layers * added
     assert "SmolLM2-135M-Instruct" in (out / "README.md").read_text()
 

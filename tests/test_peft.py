@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import modeling_diff
-from configuration_diff import DiffLlamaConfig
+from conftest import tiny_config
 from finetune.lora import default_target_modules, diff_modules_to_save, lora_config
 
 LAYERS = 2
@@ -26,17 +26,8 @@ VARIANTS = {
 
 
 def tiny_model(variant: str, seed: int = 0) -> modeling_diff.DiffLlamaForCausalLM:
-    config = DiffLlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **VARIANTS[variant],
-    )
     torch.manual_seed(seed)
-    return modeling_diff.DiffLlamaForCausalLM(config).eval()
+    return modeling_diff.DiffLlamaForCausalLM(tiny_config(num_hidden_layers=LAYERS, **VARIANTS[variant])).eval()
 
 
 def trainable_names(model) -> set[str]:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import modeling_diff
 from configuration_diff import DiffLlamaConfig
+from conftest import tiny_config
 from finetune.__main__ import main
 from finetune.data import build_corpus, python_files, split_files
 from finetune.recipe import CHECKPOINTS_DIR, MERGED_DIR, METRICS_FILE, finetune, prepare_model
@@ -34,17 +35,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_config(**overrides) -> DiffLlamaConfig:
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=0,
-    )
-    return DiffLlamaConfig(**{**settings, **overrides})
+def diff_config(version: int) -> DiffLlamaConfig:
+    return tiny_config(diff_version=version, vocab_size=VOCAB, eos_token_id=0)
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +80,12 @@ def tokenizer(data_dir):
 
 @pytest.fixture(scope="module")
 def v1_checkpoint(tmp_path_factory, tokenizer) -> Path:
-    return save_checkpoint(tmp_path_factory.mktemp("v1"), tiny_config(diff_version=1), tokenizer)
+    return save_checkpoint(tmp_path_factory.mktemp("v1"), diff_config(1), tokenizer)
 
 
 @pytest.fixture(scope="module")
 def v2_checkpoint(tmp_path_factory, tokenizer) -> Path:
-    return save_checkpoint(tmp_path_factory.mktemp("v2"), tiny_config(diff_version=2), tokenizer)
+    return save_checkpoint(tmp_path_factory.mktemp("v2"), diff_config(2), tokenizer)
 
 
 def test_split_is_by_file_deterministic_and_stable(data_dir, tmp_path):
@@ -222,7 +214,7 @@ def gradients(config, mode, checkpointing):
 
 @pytest.mark.parametrize(("version", "mode"), [(1, "full"), (1, "lora"), (2, "full"), (2, "lora")])
 def test_gradient_checkpointing_same_gradients(version, mode):
-    config = tiny_config(diff_version=version)
+    config = diff_config(version)
     plain = gradients(config, mode, checkpointing=False)
     checkpointed = gradients(config, mode, checkpointing=True)
     assert plain.keys() == checkpointed.keys()
