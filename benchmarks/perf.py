@@ -9,7 +9,8 @@ In one process, with the same hidden size, layers, MLP and dtype:
 - `builtin-diffllama`: transformers' own `diffllama`, parameter-matched (H sub-heads).
 
 Measures prefill latency, decode tokens per second with the KV cache, one training step (forward and backward),
-peak memory of each, and the attention layer alone; warms up, repeats, reports the median, and writes JSON, a
+peak memory of each, and the attention layer alone; warms up, repeats round-robin over the models (background
+load then hits them alike), reports the median, and writes JSON, a
 markdown table and a PNG plot. Every figure is also printed as a ratio to the Llama's.
 
     python benchmarks/perf.py                      # the ~100M-parameter CPU preset, fp32 and bf16
@@ -19,6 +20,7 @@ markdown table and a PNG plot. Every figure is also printed as a ratio to the Ll
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -135,24 +137,15 @@ class PeakMemory:
             self.bytes = max(self.peak, self.process.memory_info().rss) - self.start
 
 
-def timed(fn, repeats: int, device: str) -> tuple[float, int]:
-    """Median seconds of `repeats` calls after one warm-up call, and the peak memory of one call."""
-    fn()
-    gc.collect()
-    with PeakMemory(device) as memory:
-        times = [_time_once(fn, device)]
-    times += [_time_once(fn, device) for _ in range(repeats - 1)]
-    return statistics.median(times), memory.bytes
-
-
 def _time_once(fn, device: str) -> float:
+    """Seconds of one call; a workload that times itself (decode) returns its own figure."""
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fn()
+    own = fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return own if isinstance(own, float) else time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -162,13 +155,12 @@ def prefill(model, length: int, device: str):
 
 
 @torch.no_grad()
-def decode_steps(model, prompt: int, tokens: int, device: str):
-    """Prefill once, then time `tokens` greedy single-token steps reusing one prefilled cache state."""
+def decode(model, prompt: int, tokens: int, device: str):
+    """Prefill a prompt, then greedy single-token steps with the KV cache; returns the seconds of the steps only."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
 
-    def run():
-        cache = DynamicCache(config=model.config)
-        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+    def run() -> float:
+        out = model(ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
         step = out.logits[:, -1:].argmax(-1)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -178,7 +170,7 @@ def decode_steps(model, prompt: int, tokens: int, device: str):
             step = out.logits[:, -1:].argmax(-1)
         if device == "cuda":
             torch.cuda.synchronize()
-        run.seconds = time.perf_counter() - start
+        return time.perf_counter() - start
 
     return run
 
@@ -220,38 +212,49 @@ def kv_cache_bytes_per_token(model, device: str) -> int:
     return total // ids.shape[1]
 
 
-def measure(name: str, preset: Preset, dtype_name: str, device: str, skip_train: bool) -> Result:
-    torch.manual_seed(0)
-    model = build(name, preset, DTYPES[dtype_name], device).eval()
-    result = Result(
-        model=name,
-        dtype=dtype_name,
-        parameters=sum(p.numel() for p in model.parameters()),
-        kv_cache_bytes_per_token=kv_cache_bytes_per_token(model, device),
-    )
+def workloads(preset: Preset, device: str, skip_train: bool):
+    """(figure, unit, training?, factory) for every measurement, the training step last."""
     for length in preset.prefill_lengths:
-        seconds, peak = timed(prefill(model, length, device), preset.repeats, device)
-        result.figures[f"prefill_{length}"] = {"value": seconds, "unit": "s", "peak_bytes": peak}
-    run = decode_steps(model, preset.decode_prompt, preset.decode_tokens, device)
-    rates = []
-    with PeakMemory(device) as memory:
-        for _ in range(max(2, preset.repeats)):
-            run()
-            rates.append(preset.decode_tokens / run.seconds)
-    result.figures["decode_tokens_per_s"] = {
-        "value": statistics.median(rates[1:]),  # the first pass is the warm-up
-        "unit": "tok/s",
-        "peak_bytes": memory.bytes,
-    }
-    seconds, peak = timed(attention_alone(model, preset.attention_length, device), preset.repeats, device)
-    result.figures[f"attention_{preset.attention_length}"] = {"value": seconds, "unit": "s", "peak_bytes": peak}
+        yield f"prefill_{length}", "s", False, lambda m, n=length: prefill(m, n, device)
+    yield "decode_tokens_per_s", "tok/s", False, lambda m: decode(m, preset.decode_prompt, preset.decode_tokens, device)
+    yield f"attention_{preset.attention_length}", "s", False, lambda m: attention_alone(m, preset.attention_length, device)
     if not skip_train:
-        model.train()
-        seconds, peak = timed(train_step(model, preset.train_length, device), preset.repeats, device)
-        result.figures[f"train_step_{preset.train_length}"] = {"value": seconds, "unit": "s", "peak_bytes": peak}
-    del model
-    gc.collect()
-    return result
+        yield f"train_step_{preset.train_length}", "s", True, lambda m: train_step(m, preset.train_length, device)
+
+
+def measure(names: list[str], preset: Preset, dtype_name: str, device: str, skip_train: bool) -> list[Result]:
+    """Every model on every workload, repeats taken round-robin so that background load hits all models alike."""
+    models = {}
+    for name in names:
+        torch.manual_seed(0)
+        models[name] = build(name, preset, DTYPES[dtype_name], device).eval()
+    results = {
+        name: Result(name, dtype_name, sum(p.numel() for p in m.parameters()), kv_cache_bytes_per_token(m, device))
+        for name, m in models.items()
+    }
+    for figure, unit, training, factory in workloads(preset, device, skip_train):
+        runs, peaks = {}, {}
+        for name, model in models.items():
+            model.train(training)
+            runs[name] = factory(model)
+            runs[name]()  # warm-up
+            gc.collect()
+            with PeakMemory(device) as memory:
+                runs[name]()
+            peaks[name] = memory.bytes
+        seconds = {name: [] for name in models}
+        for _ in range(preset.repeats):
+            for name, run in runs.items():
+                seconds[name].append(_time_once(run, device))
+        for name in models:
+            median = statistics.median(seconds[name])
+            value = preset.decode_tokens / median if unit == "tok/s" else median
+            results[name].figures[figure] = {"value": value, "unit": unit, "peak_bytes": peaks[name]}
+        del runs
+        for model in models.values():
+            model.zero_grad(set_to_none=True)
+        gc.collect()
+    return list(results.values())
 
 
 def ratio(result: Result, baseline: Result, figure: str) -> float:
@@ -337,13 +340,11 @@ def main(argv=None) -> int:
 
     results = []
     for dtype in args.dtypes:
-        baseline = None
-        for name in models:
-            result = measure(name, preset, dtype, args.device, args.skip_train)
-            baseline = baseline or result
-            results.append(result)
-            summary = ", ".join(f"{f} {ratio(result, baseline, f):.2f}×" for f in result.figures)
-            print(f"[{dtype}] {name:18s} {result.parameters / 1e6:6.1f}M params  {summary}", flush=True)
+        group = measure(models, preset, dtype, args.device, args.skip_train)
+        results += group
+        for result in group:
+            summary = ", ".join(f"{f} {ratio(result, group[0], f):.2f}×" for f in result.figures)
+            print(f"[{dtype}] {result.model:18s} {result.parameters / 1e6:6.1f}M params  {summary}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -352,6 +353,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "load_average_at_end": os.getloadavg(),
     }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
     (args.out / "results.md").write_text(markdown(results))

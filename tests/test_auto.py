@@ -152,3 +152,30 @@ def test_no_import_order_hands_out_the_builtin_model(tmp_path, first_import):
         block_package=False,
     )
     assert out.split() == ["modeling_diff"] * 3
+
+
+def test_importing_the_model_code_does_no_io_and_no_network(tmp_path):
+    out = _run_isolated(
+        """
+        import builtins, os, socket
+        import torch, transformers
+        from transformers import LlamaForCausalLM  # transformers' own lazy imports are not ours to police
+        calls = []
+        def refuse(name):
+            def call(*args, **kwargs):
+                calls.append((name, args[:1]))
+                raise RuntimeError(f"{name} during import")
+            return call
+        real_open = builtins.open
+        builtins.open = refuse("open")
+        os.open = refuse("os.open")
+        socket.socket.connect = refuse("connect")
+        socket.create_connection = refuse("create_connection")
+        import configuration_diff, modeling_diff
+        builtins.open = real_open
+        print("calls", calls)
+        """,
+        tmp_path,
+        block_package=False,
+    )
+    assert "calls []" in out

@@ -240,6 +240,22 @@ def test_verify_reports(tmp_path, caplog):
     assert "perplexity" in text and "greedy generation" in text and "identical generation: True" in text
 
 
+def test_hub_id_from_the_local_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    commit = "0" * 40
+    snapshot = cache / "models--tiny--llama" / "snapshots" / commit
+    make_source(snapshot, "llama")
+    (cache / "models--tiny--llama" / "refs").mkdir()
+    (cache / "models--tiny--llama" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    out = convert(source="tiny/llama", output=tmp_path / "out", verify=False, progress=False)
+    assert "tiny/llama" in (out / "README.md").read_text()
+    with pytest.raises(ConversionError, match="hf download tiny/missing"):
+        convert(source="tiny/missing", output=tmp_path / "other", verify=False)
+
+
 # Failures leave nothing behind.
 
 
