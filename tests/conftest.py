@@ -15,20 +15,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from configuration_diff import DiffLlamaConfig  # noqa: E402
 
 
+# The smallest model that still exercises GQA: 4 heads over 2 key/value heads. Shared by the Llama baselines.
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+)
+
+
 def tiny_config(**overrides) -> DiffLlamaConfig:
-    """The smallest config that still exercises GQA: 4 differential heads over 2 key/value heads."""
-    fields = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
-    fields.update(overrides)
-    return DiffLlamaConfig(**fields)
+    return DiffLlamaConfig(**{**TINY, **overrides})
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_config
+from conftest import TINY, tiny_config
 from modeling_diff import DiffLlamaAttention, DiffLlamaForCausalLM
 from reference import reference_v1, reference_v2
 
@@ -193,19 +193,7 @@ def test_kv_cache_holds_llama_sized_entries():
 
 
 def _llama_fields(**overrides):
-    fields = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
-    fields.update(overrides)
-    return fields
+    return {**TINY, "head_dim": 16, **overrides}
 
 
 def test_paired_layout_has_llama_parameter_count_plus_6d_per_layer():
@@ -218,6 +206,14 @@ def test_paired_layout_has_llama_parameter_count_plus_6d_per_layer():
     assert extra == 6 * 16 * 2
 
 
+def _llama_and_diff(**diff_overrides):
+    """A tiny Llama (4 heads of 16 over 2 KV heads) and a DiffLlama sharing every weight outside attention."""
+    llama = LlamaForCausalLM(LlamaConfig(**_llama_fields())).eval()
+    diff = DiffLlamaForCausalLM(tiny_config(head_dim=16, **diff_overrides)).eval()
+    _copy_shared_weights(llama, diff)
+    return llama, diff
+
+
 def _copy_shared_weights(llama, diff):
     """Everything outside attention is Llama's own module, under Llama's own names."""
     state = {k: v for k, v in llama.state_dict().items() if ".self_attn." not in k}
@@ -227,12 +223,8 @@ def _copy_shared_weights(llama, diff):
 
 def test_v1_reduces_to_llama_when_the_second_map_is_silenced():
     """λ = 0 exactly, no head norm, V = [V_llama | 0]: the model must compute the Llama's function."""
-    llama = LlamaForCausalLM(LlamaConfig(**_llama_fields())).eval()
     h, h_kv, d = 4, 2, 16
-    diff = DiffLlamaForCausalLM(
-        tiny_config(num_attention_heads=h, num_key_value_heads=h_kv, head_dim=d, use_head_norm=False, lambda_init=0.0)
-    ).eval()
-    _copy_shared_weights(llama, diff)
+    llama, diff = _llama_and_diff(use_head_norm=False, lambda_init=0.0)
     with torch.no_grad():
         for src, dst in zip(llama.model.layers, diff.model.layers):
             a, b = src.self_attn, dst.self_attn
@@ -250,10 +242,8 @@ def test_v1_reduces_to_llama_when_the_second_map_is_silenced():
 
 def test_v2_reduces_to_llama_with_equal_maps_and_zero_gate():
     """Q2 = Q1 and lambda_proj = 0 give (1 − ½)·A1 V per head, which o_proj doubled restores."""
-    llama = LlamaForCausalLM(LlamaConfig(**_llama_fields())).eval()
     h, d = 4, 16
-    diff = DiffLlamaForCausalLM(tiny_config(diff_version=2, head_dim=d)).eval()
-    _copy_shared_weights(llama, diff)
+    llama, diff = _llama_and_diff(diff_version=2)
     with torch.no_grad():
         for src, dst in zip(llama.model.layers, diff.model.layers):
             a, b = src.self_attn, dst.self_attn
