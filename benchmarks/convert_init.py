@@ -25,12 +25,25 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM
 
-from conversion import WIDENED_INITS, convert, sources  # noqa: E402
+from conversion import WIDENED_INITS, convert, sources
 
-TRAIN_MODULES = ("argparse", "collections", "dataclasses", "email.message", "json.decoder", "logging", "pathlib",
-                 "pprint", "shutil", "string", "tempfile", "typing", "zipfile")
+TRAIN_MODULES = (
+    "argparse",
+    "collections",
+    "dataclasses",
+    "email.message",
+    "json.decoder",
+    "logging",
+    "pathlib",
+    "pprint",
+    "shutil",
+    "string",
+    "tempfile",
+    "typing",
+    "zipfile",
+)
 HELD_OUT_MODULES = ("textwrap", "difflib", "csv", "fractions")
 
 
@@ -47,8 +60,9 @@ def chunks(tokenizer, module_names, length: int) -> torch.Tensor:
 @torch.no_grad()
 def held_out_loss(model, data: torch.Tensor, batch: int = 8) -> float:
     model.eval()
-    losses = [model(input_ids=data[i : i + batch], labels=data[i : i + batch]).loss.item()
-              for i in range(0, len(data), batch)]
+    losses = [
+        model(input_ids=data[i : i + batch], labels=data[i : i + batch]).loss.item() for i in range(0, len(data), batch)
+    ]
     return sum(losses) / len(losses)
 
 
@@ -69,8 +83,7 @@ def train(model, train_data, held_out, *, steps: int, batch: int, lr: float, see
         curve.append(round(loss.item(), 4))
     seconds = time.perf_counter() - start
     after = held_out_loss(model, held_out)
-    lambdas = [layer.self_attn.lambdas().item() for layer in model.model.layers
-               if hasattr(layer.self_attn, "lambdas")]
+    lambdas = [layer.self_attn.lambdas().item() for layer in model.model.layers if hasattr(layer.self_attn, "lambdas")]
     return {
         "held_out_loss_before": round(before, 4),
         "held_out_loss_after": round(after, 4),
@@ -110,33 +123,52 @@ def main() -> None:
         held_out = chunks(tokenizer, HELD_OUT_MODULES, args.length)[:32]
         print(f"train windows {len(train_data)}, held-out windows {len(held_out)} of {args.length} tokens")
 
-        for candidate in ("source", *WIDENED_INITS):
+        for candidate in (*WIDENED_INITS, "source"):
             torch.manual_seed(args.seed)
             if candidate == "source":
                 path = folder
             else:
-                path = convert(source=folder, output=work / candidate, strategy="widened", preserve=True,
-                               init=candidate, verify=False, progress=False, seed=args.seed)
+                path = convert(
+                    source=folder,
+                    output=work / candidate,
+                    strategy="widened",
+                    preserve=True,
+                    init=candidate,
+                    verify=False,
+                    progress=False,
+                    seed=args.seed,
+                )
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            results[candidate] = train(model, train_data, held_out, steps=args.steps, batch=args.batch, lr=args.lr,
-                                       seed=args.seed)
-            print(candidate, json.dumps(results[candidate]))
+            results[candidate] = train(
+                model, train_data, held_out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed
+            )
+            print(candidate, json.dumps(results[candidate]), flush=True)
             del model
+            write_summary(args, results)  # after each run: a long measurement keeps what it finished
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    best = write_summary(args, results)
+    print(f"lowest held-out loss after {args.steps} steps: {best}")
+
+
+def write_summary(args, results: dict) -> str:
     converted = {name: r for name, r in results.items() if name != "source"}
     best = min(converted, key=lambda name: converted[name]["held_out_loss_after"])
     summary = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised), widened --preserve",
-        "setup": {**{k: v for k, v in vars(args).items() if k != "output"}, "train_modules": TRAIN_MODULES,
-                  "held_out_modules": HELD_OUT_MODULES, "optimizer": "AdamW, embeddings frozen"},
+        "setup": {
+            **{k: v for k, v in vars(args).items() if k != "output"},
+            "train_modules": TRAIN_MODULES,
+            "held_out_modules": HELD_OUT_MODULES,
+            "optimizer": "AdamW, embeddings frozen",
+        },
         "results": results,
         "best": best,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"lowest held-out loss after {args.steps} steps: {best}")
+    return best
 
 
 if __name__ == "__main__":

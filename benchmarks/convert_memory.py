@@ -25,15 +25,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenizers import Tokenizer, models  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from conversion.writer import Entry, StreamingWriter, parse_size  # noqa: E402
+from conversion.writer import Entry, StreamingWriter, parse_size
 
 # About 1.07 B parameters: Llama-like proportions (attention a fifth of a layer), 2.1 GB in bf16.
-CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=20,
-              num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False, dtype="bfloat16",
-              architectures=["LlamaForCausalLM"])
+CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=20,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+    dtype="bfloat16",
+    architectures=["LlamaForCausalLM"],
+)
 
 BASELINE = """
 import sys
@@ -57,8 +65,9 @@ def write_source(folder: Path, shard_size: str) -> int:
     config.save_pretrained(folder)
     # Conversion carries the tokenizer over, so the source needs one; its vocabulary is irrelevant here.
     backend = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(folder)
     return sum(entry.nbytes for entry in entries)
 
 
@@ -94,8 +103,17 @@ def main() -> None:
         largest = max(path.stat().st_size for path in shards)
 
         baseline, _ = peak_rss_of([sys.executable, "-c", BASELINE.format(root=str(ROOT), source=str(source))])
-        command = [sys.executable, "-m", "conversion", str(source), str(target), "--strategy", args.strategy,
-                   "--no-verify", "--no-progress"]
+        command = [
+            sys.executable,
+            "-m",
+            "conversion",
+            str(source),
+            str(target),
+            "--strategy",
+            args.strategy,
+            "--no-verify",
+            "--no-progress",
+        ]
         peak, seconds = peak_rss_of(command)
         written = sum(path.stat().st_size for path in target.glob("*.safetensors"))
         excess = peak - baseline
@@ -120,9 +138,11 @@ def main() -> None:
     for key, value in result.items():
         print(f"{key}: {value:,.3f}" if isinstance(value, float) else f"{key}: {value}")
     verdict = "within" if result["excess_over_largest_shard"] < 1.5 else "OVER"
-    print(f"peak RSS {peak / 1e9:.2f} GB, {excess / 1e9:.2f} GB above the {baseline / 1e9:.2f} GB baseline = "
-          f"{result['excess_over_largest_shard']:.2f}x the largest shard ({verdict} the 1.5x limit); "
-          f"{result['throughput_gb_per_s']:.2f} GB/s")
+    print(
+        f"peak RSS {peak / 1e9:.2f} GB, {excess / 1e9:.2f} GB above the {baseline / 1e9:.2f} GB baseline = "
+        f"{result['excess_over_largest_shard']:.2f}x the largest shard ({verdict} the 1.5x limit); "
+        f"{result['throughput_gb_per_s']:.2f} GB/s"
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -8,7 +8,20 @@ or, from a shell, `python -m conversion SOURCE OUTPUT --strategy widened --prese
 
 from .convert import convert
 from .errors import ConversionError
-from .weight_map import STRATEGIES, SUPPORTED_ARCHITECTURES, WIDENED_INITS, WeightMap, target_config
+from .weight_map import (
+    STRATEGIES,
+    SUPPORTED_ARCHITECTURES,
+    WIDENED_INITS,
+    WeightMap,
+    target_config,
+)
 
-__all__ = ["convert", "ConversionError", "STRATEGIES", "SUPPORTED_ARCHITECTURES", "WIDENED_INITS", "WeightMap",
-           "target_config"]
+__all__ = [
+    "STRATEGIES",
+    "SUPPORTED_ARCHITECTURES",
+    "WIDENED_INITS",
+    "ConversionError",
+    "WeightMap",
+    "convert",
+    "target_config",
+]

@@ -24,8 +24,9 @@ def _docstring_args(function) -> dict[str, str]:
 def parser() -> argparse.ArgumentParser:
     helps = _docstring_args(convert)
     summary = inspect.getdoc(convert).split("Args:", 1)[0].strip()
-    cli = argparse.ArgumentParser(prog="python -m conversion", description=summary,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli = argparse.ArgumentParser(
+        prog="python -m conversion", description=summary, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     # Two optional positionals: with one path given, argparse fills SOURCE, and `main` moves it to OUTPUT.
     cli.add_argument("source", nargs="?", metavar="SOURCE", help=helps["source"])
     cli.add_argument("output", nargs="?", metavar="OUTPUT", help=helps["output"])
@@ -33,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--preserve", action="store_true", help=helps["preserve"])
     cli.add_argument("--dtype", choices=list(DTYPES), help=helps["dtype"])
     cli.add_argument("--overwrite", action="store_true", help=helps["overwrite"])
-    cli.add_argument("--no-verify", dest="verify", action="store_false", help=helps["verify"].replace("Reload", "Skip: reload", 1))
+    cli.add_argument(
+        "--no-verify", dest="verify", action="store_false", help=helps["verify"].replace("Reload", "Skip: reload", 1)
+    )
     cli.add_argument("--max-shard-size", default="5GB", help=helps["max_shard_size"])
     cli.add_argument("--seed", type=int, default=0, help=helps["seed"])
     cli.add_argument("--init", choices=WIDENED_INITS, default=None, help=helps["init"])
@@ -57,9 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         logging.set_verbosity_info()
 
-    options = dict(source=source, output=output, strategy=args.strategy, preserve=args.preserve, dtype=args.dtype,
-                   overwrite=args.overwrite, verify=args.verify, max_shard_size=args.max_shard_size, seed=args.seed,
-                   progress=args.progress)
+    options = dict(
+        source=source,
+        output=output,
+        strategy=args.strategy,
+        preserve=args.preserve,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        verify=args.verify,
+        max_shard_size=args.max_shard_size,
+        seed=args.seed,
+        progress=args.progress,
+    )
     if args.init:
         options["init"] = args.init
     try:

@@ -10,7 +10,13 @@ from transformers.utils import logging
 
 from . import sources
 from .errors import ConversionError
-from .weight_map import DEFAULT_WIDENED_INIT, STRATEGIES, WeightMap, check_strategy, check_supported
+from .weight_map import (
+    DEFAULT_WIDENED_INIT,
+    STRATEGIES,
+    WeightMap,
+    check_strategy,
+    check_supported,
+)
 from .writer import Entry, StreamingWriter, parse_size
 
 logger = logging.get_logger(__name__)
@@ -93,12 +99,11 @@ def convert(
     architecture = check_supported(resolved.config)
     check_strategy(resolved.config, strategy=strategy, preserve=preserve)
     notes = _unsupported_features(resolved.config)
-    for note in notes:
-        logger.warning(note)
 
     shards = resolved.shards()
-    weight_map, plan = _plan(shards, resolved.config, strategy=strategy, preserve=preserve, dtype=dtype, seed=seed,
-                             init=init)
+    weight_map, plan = _plan(
+        shards, resolved.config, strategy=strategy, preserve=preserve, dtype=dtype, seed=seed, init=init
+    )
     layers = weight_map.target_config.num_hidden_layers
     logger.info(
         f"{architecture} -> DiffLlama ({strategy}{', preserve' if preserve else ''}): "
@@ -116,8 +121,18 @@ def convert(
         resolved.tokenizer().save_pretrained(temp)
         resolved.generation_config().save_pretrained(temp)
         (temp / "README.md").write_text(
-            model_card(source=resolved.name, architecture=architecture, strategy=strategy, preserve=preserve,
-                       dtype=dtype, seed=seed, init=init, plan=plan, layers=layers, notes=notes)
+            model_card(
+                source=resolved.name,
+                architecture=architecture,
+                strategy=strategy,
+                preserve=preserve,
+                dtype=dtype,
+                seed=seed,
+                init=init,
+                plan=plan,
+                layers=layers,
+                notes=notes,
+            )
         )
         _move_into_place(temp, output, overwrite=overwrite)
     except BaseException:
@@ -148,8 +163,15 @@ def _plan(shards, config, *, strategy, preserve, dtype, seed, init) -> tuple[Wei
     for shard in shards:
         with shard:
             metas.extend((key, shard.meta(key)) for key in shard.keys())
-    weight_map = WeightMap(source_config=config, source_keys=[key for key, _ in metas], strategy=strategy,
-                           preserve=preserve, dtype=dtype, seed=seed, widened_init=init)
+    weight_map = WeightMap(
+        source_config=config,
+        source_keys=[key for key, _ in metas],
+        strategy=strategy,
+        preserve=preserve,
+        dtype=dtype,
+        seed=seed,
+        widened_init=init,
+    )
     entries = []
     source_parameters = 0
     for key, meta in metas:
@@ -160,8 +182,9 @@ def _plan(shards, config, *, strategy, preserve, dtype, seed, init) -> tuple[Wei
     weight_map.check_complete()
     weight_map.reset()
     target_parameters = sum(_numel(entry.shape) for entry in entries)
-    return weight_map, Plan(entries, len(metas), source_parameters, target_parameters,
-                            max(shard.nbytes for shard in shards))
+    return weight_map, Plan(
+        entries, len(metas), source_parameters, target_parameters, max(shard.nbytes for shard in shards)
+    )
 
 
 def _numel(shape) -> int:
@@ -215,7 +238,9 @@ def _move_into_place(temp: Path, output: Path, *, overwrite: bool) -> None:
         temp.rename(output)
         return
     if not overwrite:
-        raise ConversionError(f"output {output} appeared during the conversion: choose another folder or pass --overwrite.")
+        raise ConversionError(
+            f"output {output} appeared during the conversion: choose another folder or pass --overwrite."
+        )
     replaced = output.parent / f".{output.name}{REPLACED_MARK}{os.getpid()}"
     output.rename(replaced)
     temp.rename(output)
@@ -232,15 +257,21 @@ def _unsupported_features(config) -> list[str]:
             f"the source uses sliding-window attention (window {window}); DiffLlama attends to the full context, so "
             f"outputs match only for sequences of at most {window} tokens"
         )
+        logger.warning(notes[-1])
     if getattr(config, "model_type", None) == "qwen2":
         notes.append("Qwen2's o_proj has no bias, but DiffLlama's has one whenever attention_bias is set: it is zero")
+        logger.info(notes[-1])
     return notes
 
 
 def model_card(*, source, architecture, strategy, preserve, dtype, seed, init, plan: Plan, layers, notes) -> str:
     added = plan.target_parameters - plan.source_parameters
-    options = [f"strategy `{strategy}`", f"preserve `{preserve}`", f"dtype `{str(dtype).removeprefix('torch.') if dtype else 'source'}`",
-               f"seed `{seed}`"]
+    options = [
+        f"strategy `{strategy}`",
+        f"preserve `{preserve}`",
+        f"dtype `{str(dtype).removeprefix('torch.') if dtype else 'source'}`",
+        f"seed `{seed}`",
+    ]
     if strategy == "widened":
         options.append(f"init `{init}`")
     lines = [
@@ -259,7 +290,8 @@ def model_card(*, source, architecture, strategy, preserve, dtype, seed, init, p
         f"- Options: {', '.join(options)}",
         f"- Parameters: {plan.source_parameters:,} in the source, {plan.target_parameters:,} converted "
         f"(+{added:,}, {added // layers:,} per layer)",
-        "- Preserved: the source's function at step 0 (equal logits, identical greedy generation)" if preserve
+        "- Preserved: the source's function at step 0 (equal logits, identical greedy generation)"
+        if preserve
         else "- The converted model needs training before use: the new attention maps start untrained.",
         "",
         "Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`: the model code "

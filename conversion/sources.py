@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 from .errors import ConversionError
 
@@ -77,7 +82,9 @@ class SafetensorsShard:
         stored = self._file.get_slice(key)
         dtype = SAFETENSORS_DTYPES.get(stored.get_dtype())
         if dtype is None:
-            raise ConversionError(f"{self.name}: tensor {key!r} has dtype {stored.get_dtype()}, which is not supported.")
+            raise ConversionError(
+                f"{self.name}: tensor {key!r} has dtype {stored.get_dtype()}, which is not supported."
+            )
         return torch.empty(stored.get_shape(), dtype=dtype, device="meta")
 
     def get(self, key: str) -> torch.Tensor:
@@ -112,7 +119,9 @@ class StateDictShard:
 
 
 def _damaged(path: Path, error: Exception) -> ConversionError:
-    return ConversionError(f"cannot read shard {path.name} ({error}): the file is damaged or incomplete; re-download it.")
+    return ConversionError(
+        f"cannot read shard {path.name} ({error}): the file is damaged or incomplete; re-download it."
+    )
 
 
 @dataclass

@@ -24,13 +24,15 @@ def score(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> dict:
     model.eval()
     output = model(input_ids=ids, labels=ids)
     prompt = tokenizer(PROMPT, return_tensors="pt")
-    generated = model.generate(**prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    generated = model.generate(
+        **prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     return {
         "parameters": model.num_parameters(),
         "perplexity": math.exp(output.loss.item()),
         "logits": output.logits.float(),
-        "generated_ids": generated[0, prompt.input_ids.shape[1]:].tolist(),
-        "generation": tokenizer.decode(generated[0, prompt.input_ids.shape[1]:], skip_special_tokens=True),
+        "generated_ids": generated[0, prompt.input_ids.shape[1] :].tolist(),
+        "generation": tokenizer.decode(generated[0, prompt.input_ids.shape[1] :], skip_special_tokens=True),
     }
 
 

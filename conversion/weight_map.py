@@ -83,8 +83,9 @@ NEW_KEYS = {
 NEW_KEYS_AFTER = "model.layers.{}.self_attn.q_proj.weight"
 
 # How `widened` initialises map 2 (Q2, K2) and the new value half (V_new, read through o_proj's new columns O_new).
-# The default was chosen by measurement (benchmarks/convert_init.py); every option keeps `preserve` exact, because
-# either λ = 0 or O_new = 0 hides the new parts at step 0.
+# benchmarks/convert_init.py compares them by held-out loss after a few training steps (results in
+# benchmarks/results/convert_init.json); `copy` is the default until that measurement says otherwise. Every option
+# keeps `preserve` exact, because either λ = 0 or O_new = 0 hides the new parts at step 0.
 #   copy:       Q2 = Q1, K2 = K1, V_new = V, O_new = 0
 #   random:     Q2, K2, V_new ~ N(0, std of the source matrix), O_new = 0
 #   random-out: Q2, K2 ~ N(0, std of the source matrix), V_new = 0, O_new ~ N(0, std of o_proj)
@@ -235,8 +236,16 @@ class AttentionRules:
       −σ'(0)·⟨∂L/∂head, A2 V⟩·x and Q2's is −½ times Q1's map gradient, both nonzero.
     """
 
-    def __init__(self, *, strategy: str, source: SourceHeads, target: DiffLlamaConfig, preserve: bool, seed: int,
-                 widened_init: str):
+    def __init__(
+        self,
+        *,
+        strategy: str,
+        source: SourceHeads,
+        target: DiffLlamaConfig,
+        preserve: bool,
+        seed: int,
+        widened_init: str,
+    ):
         if widened_init not in WIDENED_INITS:
             raise ConversionError(f"unknown init {widened_init!r}: use one of {', '.join(WIDENED_INITS)}.")
         self.strategy = strategy
@@ -336,15 +345,30 @@ class AttentionRules:
 class WeightMap:
     """Maps each source tensor to its target tensors and checks every target key is produced once, shape asserted."""
 
-    def __init__(self, *, source_config, source_keys, strategy: str, preserve: bool, dtype: torch.dtype | None,
-                 seed: int = 0, widened_init: str = DEFAULT_WIDENED_INIT):
+    def __init__(
+        self,
+        *,
+        source_config,
+        source_keys,
+        strategy: str,
+        preserve: bool,
+        dtype: torch.dtype | None,
+        seed: int = 0,
+        widened_init: str = DEFAULT_WIDENED_INIT,
+    ):
         check_supported(source_config)
         self.target_config = target_config(source_config, strategy=strategy, preserve=preserve, dtype=dtype)
         self.source = SourceHeads.of(source_config)
         self.strategy = strategy
         self.dtype = dtype
-        self.rules = AttentionRules(strategy=strategy, source=self.source, target=self.target_config,
-                                    preserve=preserve, seed=seed, widened_init=widened_init)
+        self.rules = AttentionRules(
+            strategy=strategy,
+            source=self.source,
+            target=self.target_config,
+            preserve=preserve,
+            seed=seed,
+            widened_init=widened_init,
+        )
         self.expected = target_shapes(self.target_config)
         self.source_keys = set(source_keys)
         self.produced: set[str] = set()

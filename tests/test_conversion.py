@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -27,7 +28,6 @@ from transformers import (
 )
 
 import modeling_diff
-from conftest import ROOT
 from conversion import ConversionError, WeightMap, convert
 from conversion.__main__ import main
 from conversion.weight_map import target_shapes
@@ -42,12 +42,24 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 SOURCES = {
     # Llama with what must survive: llama3 RoPE scaling, tied embeddings, an unusual eps, sharded weights.
-    "llama": (LlamaForCausalLM, LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True,
-                                             rms_norm_eps=1e-5, head_dim=16)),
+    "llama": (
+        LlamaForCausalLM,
+        LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, rms_norm_eps=1e-5, head_dim=16),
+    ),
     "mistral": (MistralForCausalLM, MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=None)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON, tie_word_embeddings=False)),
 }
@@ -60,8 +72,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -115,7 +128,7 @@ def expected_parameters(source_model, strategy: str, preserve: bool) -> int:
 
 @pytest.mark.parametrize("strategy", ["widened", "paired", "v2"])
 def test_converts_and_loads_with_auto_classes(source, strategy, tmp_path):
-    name, folder, source_model = source
+    _, folder, source_model = source
     out = convert(source=folder, output=tmp_path / "out", strategy=strategy, verify=False, progress=False)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model) is modeling_diff.DiffLlamaForCausalLM
@@ -153,9 +166,10 @@ def test_converts_and_loads_with_auto_classes(source, strategy, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["widened", "v2"])
 def test_preserve_gives_the_source_logits(source, strategy, tmp_path):
-    name, folder, source_model = source
-    out = convert(source=folder, output=tmp_path / "out", strategy=strategy, preserve=True, verify=False,
-                  progress=False)
+    _, folder, source_model = source
+    out = convert(
+        source=folder, output=tmp_path / "out", strategy=strategy, preserve=True, verify=False, progress=False
+    )
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert model.num_parameters() == expected_parameters(source_model, strategy, preserve=True)
     ids = torch.randint(3, VOCAB, (2, 24))
@@ -169,10 +183,13 @@ def test_preserve_keeps_gradients_on_the_new_parameters(tmp_path):
     folder = tmp_path / "source"
     make_source(folder, "llama")
     ids = torch.randint(3, VOCAB, (2, 16))
-    for strategy, names in {"widened": ("lambdas.lambda_q1", "lambdas.lambda_k2", "o_proj.weight"),
-                            "v2": ("lambda_proj.weight", "q_proj.weight")}.items():
-        out = convert(source=folder, output=tmp_path / strategy, strategy=strategy, preserve=True, verify=False,
-                      progress=False)
+    for strategy, names in {
+        "widened": ("lambdas.lambda_q1", "lambdas.lambda_k2", "o_proj.weight"),
+        "v2": ("lambda_proj.weight", "q_proj.weight"),
+    }.items():
+        out = convert(
+            source=folder, output=tmp_path / strategy, strategy=strategy, preserve=True, verify=False, progress=False
+        )
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         model(input_ids=ids, labels=ids).loss.backward()
         attention = model.model.layers[1].self_attn
@@ -198,11 +215,26 @@ def test_paired_preserve_and_odd_heads_are_refused(tmp_path):
 def test_output_folder_contents(tmp_path):
     folder = tmp_path / "source"
     make_source(folder, "llama")
-    out = convert(source=folder, output=tmp_path / "out", strategy="widened", preserve=True, verify=False,
-                  max_shard_size="100KB", progress=False)
+    out = convert(
+        source=folder,
+        output=tmp_path / "out",
+        strategy="widened",
+        preserve=True,
+        verify=False,
+        max_shard_size="100KB",
+        progress=False,
+    )
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "configuration_diff.py", "modeling_diff.py", "generation_config.json", "README.md",
-            "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"} <= files
+    assert {
+        "config.json",
+        "configuration_diff.py",
+        "modeling_diff.py",
+        "generation_config.json",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+    } <= files
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / shard).is_file() for shard in shards)
@@ -226,8 +258,10 @@ def test_output_folder_contents(tmp_path):
 def test_same_seed_same_files(tmp_path):
     folder = tmp_path / "source"
     make_source(folder, "qwen2")
-    outs = [convert(source=folder, output=tmp_path / f"out{i}", init="random", verify=False, progress=False)
-            for i in range(2)]
+    outs = [
+        convert(source=folder, output=tmp_path / f"out{i}", init="random", verify=False, progress=False)
+        for i in range(2)
+    ]
     assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
 
 
@@ -344,15 +378,24 @@ LLAMA_3 = {
 
 @pytest.mark.parametrize("size", list(LLAMA_3))
 def test_weight_map_at_llama_3_scale(size):
-    config = LlamaConfig(**LLAMA_3[size], num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
-                         max_position_embeddings=131072, rope_parameters={**LLAMA_3_ROPE}, tie_word_embeddings=False,
-                         architectures=["LlamaForCausalLM"], dtype="bfloat16")
+    config = LlamaConfig(
+        **LLAMA_3[size],
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        rope_parameters={**LLAMA_3_ROPE},
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        dtype="bfloat16",
+    )
     with torch.device("meta"):
         source_state = LlamaForCausalLM(config).state_dict()
     hidden, h, d, layers = config.hidden_size, config.num_attention_heads, 128, config.num_hidden_layers
     for strategy in ("widened", "paired", "v2"):
-        weight_map = WeightMap(source_config=config, source_keys=source_state, strategy=strategy, preserve=False,
-                               dtype=None)
+        weight_map = WeightMap(
+            source_config=config, source_keys=source_state, strategy=strategy, preserve=False, dtype=None
+        )
         produced = {}
         for key, tensor in source_state.items():
             for name, converted in weight_map.convert(key, tensor):
