@@ -56,6 +56,9 @@ class DiffLlamaConfig(LlamaConfig):
             from 0), one float for every layer, or a list with one value per layer.
         lambda_std_dev (`float`, defaults to 0.1):
             Version 1 only. Standard deviation of the normal initialisation of the four λ vectors.
+        o_proj_bias (`bool`, *optional*):
+            Whether `o_proj` has a bias. `None` follows `attention_bias`, as in Llama (biases on all four
+            projections); models converted from Qwen2, whose biases sit on q/k/v only, set it to `False`.
         use_head_norm (`bool`, defaults to `True`):
             Version 1 only. The paper's per-head RMS norm (with a learnable gain) and the `(1 − λ_init)` scale after
             it. A conversion that must compute its source's function exactly at step 0 turns it off; the paper's
@@ -68,6 +71,7 @@ class DiffLlamaConfig(LlamaConfig):
     lambda_init: float | list[float] | None = None
     lambda_std_dev: float = 0.1
     use_head_norm: bool = True
+    o_proj_bias: bool | None = None
     auto_map: dict[str, str] | None = None
 
     def __post_init__(self, **kwargs):

@@ -118,7 +118,8 @@ class DiffLlamaAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, 2 * h * d, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, key_maps * h_kv * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, h_kv * value_width, bias=config.attention_bias)
-        self.o_proj = nn.Linear(h * value_width, config.hidden_size, bias=config.attention_bias)
+        o_proj_bias = config.attention_bias if config.o_proj_bias is None else config.o_proj_bias
+        self.o_proj = nn.Linear(h * value_width, config.hidden_size, bias=o_proj_bias)
         if self.version == 1:
             self.lambda_init = config.lambda_init_for(layer_idx)
             self.lambdas = DiffLlamaLambda(d, self.lambda_init)

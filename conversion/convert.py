@@ -258,9 +258,6 @@ def _unsupported_features(config) -> list[str]:
             f"outputs match only for sequences of at most {window} tokens"
         )
         logger.warning(notes[-1])
-    if getattr(config, "model_type", None) == "qwen2":
-        notes.append("Qwen2's o_proj has no bias, but DiffLlama's has one whenever attention_bias is set: it is zero")
-        logger.info(notes[-1])
     return notes
 
 

@@ -73,6 +73,11 @@ def _check_builtin_expressible(model: DiffLlamaForCausalLM) -> None:
         raise InteropError("transformers' diffllama has no counterpart of diff_version=2; keep this model's layout.")
     if not config.use_head_norm:
         raise InteropError("use_head_norm=False has no counterpart in transformers' diffllama, which always norms.")
+    if config.o_proj_bias is not None and config.o_proj_bias != config.attention_bias:
+        raise InteropError(
+            f"o_proj_bias ({config.o_proj_bias}) differs from attention_bias ({config.attention_bias}); transformers' "
+            "diffllama gives all four projections a bias or none."
+        )
     if config.attention_dropout:
         raise InteropError(f"transformers' diffllama refuses attention_dropout ({config.attention_dropout}); set it to 0.")
     for layer_idx, layer in enumerate(model.model.layers):

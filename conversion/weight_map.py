@@ -69,8 +69,7 @@ WEIGHT_MAP = {
 }
 
 # Target keys no source tensor maps to, created for each layer right after its `q_proj.weight` (so they land in the
-# same output shard) when the target model has them. `o_proj.bias` is new for Qwen2: its o_proj has no bias, but
-# the model gives o_proj a bias whenever `attention_bias` is on; zeros keep the function.
+# same output shard) when the target model has them.
 NEW_KEYS = {
     "model.layers.{}.self_attn.lambdas.lambda_q1": "lambda_q1",
     "model.layers.{}.self_attn.lambdas.lambda_k1": "lambda_k1",
@@ -78,7 +77,6 @@ NEW_KEYS = {
     "model.layers.{}.self_attn.lambdas.lambda_k2": "lambda_k2",
     "model.layers.{}.self_attn.head_norm.weight": "head_norm",
     "model.layers.{}.self_attn.lambda_proj.weight": "lambda_proj",
-    "model.layers.{}.self_attn.o_proj.bias": "output_bias",
 }
 NEW_KEYS_AFTER = "model.layers.{}.self_attn.q_proj.weight"
 
@@ -199,6 +197,7 @@ def target_config(config, *, strategy: str, preserve: bool, dtype: torch.dtype |
         pad_token_id=getattr(config, "pad_token_id", None),
         rope_parameters=dict(config.rope_parameters) if getattr(config, "rope_parameters", None) else None,
         attention_bias=has_attention_bias(config),
+        o_proj_bias=False if getattr(config, "model_type", None) == "qwen2" else None,  # Qwen2: q/k/v biases only
         attention_dropout=getattr(config, "attention_dropout", 0.0),
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
         architectures=["DiffLlamaForCausalLM"],
@@ -330,8 +329,6 @@ class AttentionRules:
         layer_key = key.rsplit(".", 1)[0]  # λ_q1 and λ_q2 share a generator under `preserve`
         if role == "head_norm":
             return torch.ones(shape, dtype=like.dtype, device=like.device)
-        if role == "output_bias":
-            return torch.zeros(shape, dtype=like.dtype, device=like.device)
         if role == "lambda_proj":
             if self.preserve:
                 return torch.zeros(shape, dtype=like.dtype, device=like.device)

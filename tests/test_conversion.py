@@ -115,7 +115,7 @@ def expected_parameters(source_model, strategy: str, preserve: bool) -> int:
     hidden, h, h_kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     d = getattr(config, "head_dim", None) or hidden // h
     biased = config.model_type == "qwen2"
-    per_layer = hidden if biased else 0  # Qwen2: DiffLlama's o_proj has a (zero) bias
+    per_layer = 0  # Qwen2's o_proj has no bias, and the converted one none either (o_proj_bias=False)
     if strategy == "v2":
         per_layer += hidden * h * d + hidden * h + (h * d if biased else 0)
     else:

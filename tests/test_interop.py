@@ -65,6 +65,7 @@ def test_import_from_a_builtin_model():
         (dict(use_head_norm=False), "use_head_norm=False"),
         (dict(lambda_init=0.5), "layer 0 has lambda_init 0.5"),
         (dict(attention_dropout=0.1), r"refuses attention_dropout \(0.1\)"),
+        (dict(attention_bias=True, o_proj_bias=False), r"o_proj_bias \(False\) differs from attention_bias"),
     ],
 )
 def test_what_the_builtin_cannot_express_is_refused(overrides, message):
