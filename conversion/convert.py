@@ -123,6 +123,7 @@ def convert(
         (temp / "README.md").write_text(
             model_card(
                 source=resolved.name,
+                metadata=resolved.card_metadata(),
                 architecture=architecture,
                 strategy=strategy,
                 preserve=preserve,
@@ -261,7 +262,9 @@ def _unsupported_features(config) -> list[str]:
     return notes
 
 
-def model_card(*, source, architecture, strategy, preserve, dtype, seed, init, plan: Plan, layers, notes) -> str:
+def model_card(
+    *, source, metadata, architecture, strategy, preserve, dtype, seed, init, plan: Plan, layers, notes
+) -> str:
     added = plan.target_parameters - plan.source_parameters
     options = [
         f"strategy `{strategy}`",
@@ -273,10 +276,14 @@ def model_card(*, source, architecture, strategy, preserve, dtype, seed, init, p
         options.append(f"init `{init}`")
     lines = [
         "---",
+        *(f"{key}: {metadata[key]}" for key in ("base_model", "license") if key in metadata),
+        *(["base_model_relation: finetune"] if "base_model" in metadata else []),
         "library_name: transformers",
+        "pipeline_tag: text-generation",
         "tags:",
         "- differential-attention",
         "- diff_llama",
+        "- custom_code",
         "---",
         "",
         f"# DiffLlama converted from {source}",
@@ -291,8 +298,17 @@ def model_card(*, source, architecture, strategy, preserve, dtype, seed, init, p
         if preserve
         else "- The converted model needs training before use: the new attention maps start untrained.",
         "",
-        "Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`: the model code "
-        "(`configuration_diff.py`, `modeling_diff.py`) is in this folder.",
+        "The model code (`configuration_diff.py`, `modeling_diff.py`) travels with the weights, so only torch and "
+        "transformers are needed. That code runs on your machine: pin the commit you reviewed.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'repo = "OWNER/NAME"  # this repository',
+        'revision = "COMMIT_SHA"  # the commit whose code you reviewed',
+        "tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)",
+        "model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, trust_remote_code=True)",
+        "```",
     ]
     if notes:
         lines += ["", "Notes:", *[f"- {note}" for note in notes]]

