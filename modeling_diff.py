@@ -208,6 +208,20 @@ class DiffLlamaPreTrainedModel(LlamaPreTrainedModel):
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": DiffLlamaDecoderLayer, "attentions": DiffLlamaAttention}
 
+    def save_pretrained(self, *args, **kwargs):
+        # torch's composable wrappers (FSDP2's fully_shard, replicate) swap a module's class for a generated subclass
+        # defined in torch, e.g. FSDPDiffLlamaForCausalLM. transformers' remote-code export would write that class
+        # into auto_map and copy torch's FSDP sources next to ours: save as the class it was generated from.
+        wrapped = type(self)
+        original = next(cls for cls in wrapped.__mro__ if not cls.__module__.startswith("torch."))
+        if original is wrapped:
+            return super().save_pretrained(*args, **kwargs)
+        self.__class__ = original
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = wrapped
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, DiffLlamaLambda):

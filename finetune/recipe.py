@@ -239,10 +239,11 @@ def finetune(
     loss_after = held_out_loss(trained, corpus.held_out, batch_size=batch_size)
     logger.info(f"held-out perplexity after {trainer.state.global_step} steps: {math.exp(loss_after):.3f}")
 
-    output.mkdir(parents=True, exist_ok=True)
-    trained.save_pretrained(output)  # a LoRA PeftModel writes its adapter, a full model its weights and config
-    tokenizer.save_pretrained(output)
-    if merge:
+    # Through the Trainer: it gathers FSDP-sharded weights first, and only the main process writes. A LoRA PeftModel
+    # writes its adapter, a full model its weights and config; the tokenizer is the Trainer's processing_class.
+    trainer.save_model(str(output))
+    main_process = trainer.is_world_process_zero()
+    if merge and main_process:
         merged = trained.merge_and_unload()
         merged.save_pretrained(output / MERGED_DIR)
         tokenizer.save_pretrained(output / MERGED_DIR)
@@ -266,6 +267,7 @@ def finetune(
         "loss_curve": _loss_curve(trainer.state.log_history),
         "runtime_s": time.perf_counter() - started,
     }
-    (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    logger.info(f"wrote {output / METRICS_FILE}")
+    if main_process:
+        (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        logger.info(f"wrote {output / METRICS_FILE}")
     return metrics
