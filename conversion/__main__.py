@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = std_logging.StreamHandler(sys.stderr)
     handler.setFormatter(std_logging.Formatter("%(message)s"))
     ours = std_logging.getLogger(__package__)
+    saved = ours.level, ours.propagate  # main() may run in a host process (tests, notebooks): put them back after
     ours.addHandler(handler)
     ours.setLevel(std_logging.DEBUG if args.debug else std_logging.INFO)
     ours.propagate = False
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(error).__name__}: {error} (run again with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        ours.removeHandler(handler)
+        ours.setLevel(saved[0])
+        ours.propagate = saved[1]
     return 0
 
 

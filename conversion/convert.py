@@ -1,5 +1,6 @@
 """Convert a Llama-family checkpoint into a DiffLlama checkpoint: plan on meta tensors, stream, rename into place."""
 
+import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ def convert(
     Returns:
         The output folder.
     """
+    shard_bytes = parse_size(max_shard_size)  # bad options fail before any work
     resolved = sources.resolve(source)
     output = Path(output if output is not None else default_output(resolved, strategy)).expanduser().absolute()
     if isinstance(dtype, str):
@@ -92,6 +94,8 @@ def convert(
         dtype = DTYPES[dtype]
     if strategy not in STRATEGIES:
         raise ConversionError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"output {output} is a file, not a folder: choose a folder path (it is created).")
     if output.exists() and not overwrite:
         raise ConversionError(f"output {output} already exists: choose another folder or pass --overwrite.")
     clean_stale(output)
@@ -99,6 +103,13 @@ def convert(
     architecture = check_supported(resolved.config)
     check_strategy(resolved.config, strategy=strategy, preserve=preserve)
     notes = _unsupported_features(resolved.config)
+    tokenizer = resolved.tokenizer()
+    if len(tokenizer) > resolved.config.vocab_size:  # token ids past the embedding would fail at the first use
+        raise ConversionError(
+            f"the tokenizer of {resolved.name} has {len(tokenizer)} tokens but its config's vocab_size is "
+            f"{resolved.config.vocab_size}: the tokenizer files belong to another model; put the matching ones "
+            "next to the weights."
+        )
 
     shards = resolved.shards()
     weight_map, plan = _plan(
@@ -114,11 +125,11 @@ def convert(
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = output.parent / f".{output.name}{TEMP_MARK}{os.getpid()}"
     temp.mkdir()
-    writer = StreamingWriter(temp, plan.entries, parse_size(max_shard_size))
+    writer = StreamingWriter(temp, plan.entries, shard_bytes)
     try:
         _stream(shards, weight_map, writer, plan, progress=progress)
         weight_map.target_config.save_pretrained(temp)  # also copies configuration_diff.py and modeling_diff.py
-        resolved.tokenizer().save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
         resolved.generation_config().save_pretrained(temp)
         (temp / "README.md").write_text(
             model_card(
@@ -136,9 +147,14 @@ def convert(
             )
         )
         _move_into_place(temp, output, overwrite=overwrite)
-    except BaseException:
+    except BaseException as error:
         writer.abort()
         shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConversionError(
+                f"no space left to write {output} ({error.strerror}); nothing was written and the source is "
+                "untouched: free space on that disk or choose another OUTPUT."
+            ) from error
         raise
     logger.info(f"wrote {output}")
 
@@ -164,6 +180,7 @@ def _plan(shards, config, *, strategy, preserve, dtype, seed, init) -> tuple[Wei
     for shard in shards:
         with shard:
             metas.extend((key, shard.meta(key)) for key in shard.keys())
+    _check_source_shapes(metas, config)
     weight_map = WeightMap(
         source_config=config,
         source_keys=[key for key, _ in metas],
@@ -186,6 +203,24 @@ def _plan(shards, config, *, strategy, preserve, dtype, seed, init) -> tuple[Wei
     return weight_map, Plan(
         entries, len(metas), source_parameters, target_parameters, max(shard.nbytes for shard in shards)
     )
+
+
+def _check_source_shapes(metas, config) -> None:
+    """Every source tensor has the shape its own config implies (read off the source model on the meta device).
+
+    Catches a checkpoint whose files and config.json disagree, or a safetensors header that lies about a shape,
+    before any tensor is reshaped by the weight map.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = {key: tuple(t.shape) for key, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for key, meta in metas:
+        if key in expected and tuple(meta.shape) != expected[key]:
+            raise ConversionError(
+                f"{key!r} has shape {tuple(meta.shape)} in the checkpoint but its config.json implies {expected[key]}: "
+                "the source's config.json does not match its weights, or the file is damaged; re-download it."
+            )
 
 
 def _numel(shape) -> int:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConversionError
+
 from .sources import SAFETENSORS_DTYPES
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -39,10 +41,18 @@ def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     text = size.strip().upper()
-    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    try:
+        for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+            if text.endswith(unit):
+                value = int(float(text[: -len(unit)]) * factor)
+                break
+        else:
+            value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConversionError(f"max_shard_size {size!r} is not a positive size: write it like 5GB, 500MB or 1000000.")
+    return value
 
 
 def partition(entries: list[Entry], max_shard_size: int) -> list[list[Entry]]:
