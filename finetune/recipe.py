@@ -173,7 +173,8 @@ def finetune(
         logger.warning(f"{checkpoints} holds checkpoints of an earlier run; pass resume=True to continue it")
 
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    load_kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    # safetensors only: a pickled checkpoint is refused rather than unpickled
+    load_kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "use_safetensors": True}
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
     base = AutoModelForCausalLM.from_pretrained(model, **load_kwargs)
