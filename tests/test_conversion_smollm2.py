@@ -68,3 +68,36 @@ def test_paired_is_refused_pointing_to_widened(tmp_path):
     with pytest.raises(ConversionError, match="9 query heads and 3 key/value heads: use --strategy widened"):
         convert(source=GGUF, output=tmp_path / "out", strategy="paired", verify=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generation_stack_on_the_converted_model(smollm2, tmp_path, monkeypatch):
+    """pipeline, chat template, beam search, sampling and streaming behave on the converted model as on the source."""
+    import threading
+
+    from transformers import TextIteratorStreamer, pipeline
+
+    out = _convert_reusing(smollm2, monkeypatch, output=tmp_path / "v2", strategy="v2", preserve=True)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    source = smollm2[1]
+    chat = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    ours = pipeline("text-generation", model=converted, tokenizer=tokenizer)(chat, **kwargs)[0]["generated_text"]
+    theirs = pipeline("text-generation", model=source, tokenizer=tokenizer)(chat, **kwargs)[0]["generated_text"]
+    assert ours[-1]["role"] == "assistant" and ours[-1]["content"].strip()
+    assert ours == theirs
+
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    beams = dict(num_beams=3, max_new_tokens=8, do_sample=False)
+    assert torch.equal(converted.generate(**inputs, **beams), source.generate(**inputs, **beams))
+    torch.manual_seed(7)
+    sampled = converted.generate(**inputs, do_sample=True, top_p=0.9, max_new_tokens=8)
+    torch.manual_seed(7)
+    assert torch.equal(sampled, source.generate(**inputs, do_sample=True, top_p=0.9, max_new_tokens=8))
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    thread = threading.Thread(target=converted.generate, kwargs=dict(**inputs, streamer=streamer, **kwargs))
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    assert streamed.strip() == ours[-1]["content"].strip()
