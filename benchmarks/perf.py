@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -232,7 +233,7 @@ def measure(names: list[str], preset: Preset, dtype_name: str, device: str, skip
         name: Result(name, dtype_name, sum(p.numel() for p in m.parameters()), kv_cache_bytes_per_token(m, device))
         for name, m in models.items()
     }
-    for figure, unit, training, factory in workloads(preset, device, skip_train):
+    for figure, unit, training, factory in tqdm(list(workloads(preset, device, skip_train)), desc=dtype_name):
         runs, peaks = {}, {}
         for name, model in models.items():
             model.train(training)
