@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     # Two optional positionals: with one path given, argparse fills SOURCE, and `main` moves it to OUTPUT.
     cli.add_argument("source", nargs="?", metavar="SOURCE", help=helps["source"])
     cli.add_argument("output", nargs="?", metavar="OUTPUT", help=helps["output"])
-    cli.add_argument("--strategy", choices=STRATEGIES, default="widened", help=helps["strategy"])
+    cli.add_argument("--strategy", choices=STRATEGIES, default="v2", help=helps["strategy"])
     cli.add_argument("--preserve", action="store_true", help=helps["preserve"])
     cli.add_argument("--dtype", choices=list(DTYPES), help=helps["dtype"])
     cli.add_argument("--overwrite", action="store_true", help=helps["overwrite"])

@@ -42,7 +42,7 @@ def convert(
     *,
     source: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
-    strategy: str = "widened",
+    strategy: str = "v2",
     preserve: bool = False,
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
@@ -67,7 +67,8 @@ def convert(
         strategy: widened: every source head becomes map 1 of a differential head and map 2 is new (any head
             count). paired: the paper's parameter-matched layout, source heads (2i, 2i+1) become the two maps of
             head i (even head counts only). v2: the 2026 revision, source heads become Q1, keys, values and
-            o_proj are reused, Q2 and lambda_proj are new (any head count, Llama-sized KV cache).
+            o_proj are reused, Q2 and lambda_proj are new (any head count, Llama-sized KV cache). Default v2: the
+            evidence in the README (exact preservation, fewest new parameters, Llama's KV cache and decode speed).
         preserve: Start as exactly the source's function (equal logits, identical greedy generations) while the
             new parameters still learn: widened uses lambda_init=0 without head norm, v2 uses Q2=Q1, lambda_proj=0
             and o_proj doubled. Not possible with paired.
