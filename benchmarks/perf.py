@@ -213,8 +213,15 @@ def kv_cache_bytes_per_token(model, device: str) -> int:
     return total // ids.shape[1]
 
 
-def workloads(preset: Preset, device: str, skip_train: bool):
-    """(figure, unit, training?, factory) for every measurement, the training step last."""
+def workloads(preset: Preset, device: str, skip_train: bool, only: tuple[str, ...] = ()):
+    """(figure, unit, training?, factory) for every measurement, the training step last; `only` keeps the figures
+    whose names start with one of its prefixes."""
+    for figure in _all_workloads(preset, device, skip_train):
+        if not only or figure[0].startswith(only):
+            yield figure
+
+
+def _all_workloads(preset: Preset, device: str, skip_train: bool):
     for length in preset.prefill_lengths:
         yield f"prefill_{length}", "s", False, lambda m, n=length: prefill(m, n, device)
     yield "decode_tokens_per_s", "tok/s", False, lambda m: decode(m, preset.decode_prompt, preset.decode_tokens, device)
@@ -223,7 +230,9 @@ def workloads(preset: Preset, device: str, skip_train: bool):
         yield f"train_step_{preset.train_length}", "s", True, lambda m: train_step(m, preset.train_length, device)
 
 
-def measure(names: list[str], preset: Preset, dtype_name: str, device: str, skip_train: bool) -> list[Result]:
+def measure(
+    names: list[str], preset: Preset, dtype_name: str, device: str, skip_train: bool, only: tuple[str, ...] = ()
+) -> list[Result]:
     """Every model on every workload, repeats taken round-robin so that background load hits all models alike."""
     models = {}
     for name in names:
@@ -233,7 +242,7 @@ def measure(names: list[str], preset: Preset, dtype_name: str, device: str, skip
         name: Result(name, dtype_name, sum(p.numel() for p in m.parameters()), kv_cache_bytes_per_token(m, device))
         for name, m in models.items()
     }
-    for figure, unit, training, factory in tqdm(list(workloads(preset, device, skip_train)), desc=dtype_name):
+    for figure, unit, training, factory in tqdm(list(workloads(preset, device, skip_train, only)), desc=dtype_name):
         runs, peaks = {}, {}
         for name, model in models.items():
             model.train(training)
@@ -332,6 +341,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, help="override the preset's repeat count")
     parser.add_argument("--skip-train", action="store_true", help="leave out the training step")
+    parser.add_argument("--only", nargs="+", default=[], help="measure only figures starting with these, e.g. decode")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "perf")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -341,7 +351,7 @@ def main(argv=None) -> int:
 
     results = []
     for dtype in args.dtypes:
-        group = measure(models, preset, dtype, args.device, args.skip_train)
+        group = measure(models, preset, dtype, args.device, args.skip_train, tuple(args.only))
         results += group
         for result in group:
             summary = ", ".join(f"{f} {ratio(result, group[0], f):.2f}×" for f in result.figures)
