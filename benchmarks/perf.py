@@ -301,7 +301,10 @@ def markdown(results: list[Result]) -> str:
             cells = []
             for f in figures:
                 peak, base = r.figures[f]["peak_bytes"], baseline.figures[f]["peak_bytes"]
-                cells.append(f"{peak / 2**20:.0f} ({peak / base:.2f}×)" if base > 0 else f"{peak / 2**20:.0f}")
+                # On CPU this is RSS growth: memory the allocator already holds from an earlier workload does not
+                # show, so a ratio against a near-zero baseline would mean nothing.
+                enough = base > 16 * 2**20
+                cells.append(f"{peak / 2**20:.0f} ({peak / base:.2f}×)" if enough else f"{peak / 2**20:.0f}")
             lines.append(f"| {r.model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
