@@ -112,6 +112,13 @@ def test_remote_code_loads_without_this_package(tmp_path, version):
         assert torch.equal(model(expected["ids"]).logits, expected["logits"])
         base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
         assert type(base).__name__ == "DiffLlamaModel" and type(base).__module__.startswith("transformers_modules.")
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+        config = AutoConfig.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(config).__module__.startswith("transformers_modules.") and config.model_type == "diff_llama"
+        classifier = AutoModelForSequenceClassification.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(classifier).__name__ == "DiffLlamaForSequenceClassification"
+        assert type(classifier).__module__.startswith("transformers_modules.")
+        assert torch.equal(classifier.model.embed_tokens.weight, model.model.embed_tokens.weight)
         print("remote ok")
         """,
         tmp_path,
