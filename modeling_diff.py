@@ -203,7 +203,7 @@ class DiffLlamaPreTrainedModel(LlamaPreTrainedModel):
     _no_split_modules = ["DiffLlamaDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_flex_attn = False  # a 2d-wide value and the λ combination are untested there
+    _supports_flex_attn = False  # not tested with the padded queries and the λ combination
     _supports_attention_backend = False  # only the implementations in configuration_diff.ATTENTION_IMPLEMENTATIONS
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": DiffLlamaDecoderLayer, "attentions": DiffLlamaAttention}
