@@ -149,13 +149,11 @@ def _time_once(fn, device: str) -> float:
     return own if isinstance(own, float) else time.perf_counter() - start
 
 
-@torch.no_grad()
 def prefill(model, length: int, device: str):
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
     return lambda: model(ids, use_cache=False, logits_to_keep=1)
 
 
-@torch.no_grad()
 def decode(model, prompt: int, tokens: int, device: str):
     """Prefill a prompt, then greedy single-token steps with the KV cache; returns the seconds of the steps only."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device)
@@ -186,7 +184,6 @@ def train_step(model, length: int, device: str):
     return run
 
 
-@torch.no_grad()
 def attention_alone(model, length: int, device: str):
     layer = model.model.layers[0].self_attn
     dtype = next(model.parameters()).dtype
@@ -246,7 +243,8 @@ def measure(
         runs, peaks = {}, {}
         for name, model in models.items():
             model.train(training)
-            runs[name] = factory(model)
+            # Inference runs without autograd (a factory's own `no_grad` would cover only the setup, not the call)
+            runs[name] = factory(model) if training else torch.no_grad()(factory(model))
             runs[name]()  # warm-up
             gc.collect()
             with PeakMemory(device) as memory:

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY, tiny_config
+import modeling_diff
 from modeling_diff import DiffLlamaAttention, DiffLlamaForCausalLM
 from reference import reference_v1, reference_v2
 
@@ -59,6 +60,61 @@ def test_v2_matches_plain_reference(layout, implementation):
     torch.testing.assert_close(_run_attention(model, attention, x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def _maps_per_key_map(attention):
+    groups = attention.num_heads // attention.num_key_value_heads
+    return groups if attention.version == 1 else 2 * groups
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 64])
+def test_chunked_inference_path_matches_plain_reference(layout, version, chunk_tokens, monkeypatch):
+    """CPU SDPA inference without a mask runs `_chunked_attention`, in chunks of 1, 3 (not dividing 11) or all tokens."""
+    model, attention = _attention(version, *HEAD_LAYOUTS[layout], attn_implementation="sdpa")
+    monkeypatch.setattr(modeling_diff, "CHUNK_ROW_BYTES", 4 * _maps_per_key_map(attention) * chunk_tokens)
+    calls = []
+    chunked = DiffLlamaAttention._chunked_attention
+    monkeypatch.setattr(DiffLlamaAttention, "_chunked_attention", lambda *a: calls.append(1) or chunked(*a))
+    x = torch.randn(2, 11, model.config.hidden_size)
+    if version == 1:
+        expected = reference_v1(attention, x, model.config.rope_parameters["rope_theta"], model.config.rms_norm_eps)
+    else:
+        expected = reference_v2(attention, x, model.config.rope_parameters["rope_theta"])
+    with torch.no_grad():
+        output = _run_attention(model, attention, x)
+    assert calls, "the chunked path did not run"
+    torch.testing.assert_close(output.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_chunked_path_only_where_it_applies(version, monkeypatch):
+    """Chunks for CPU SDPA inference over a plain causal mask; the kernel for training, padding, eager, one token."""
+    model = DiffLlamaForCausalLM(tiny_config(diff_version=version)).eval()
+    calls = []
+    chunked = DiffLlamaAttention._chunked_attention
+    monkeypatch.setattr(DiffLlamaAttention, "_chunked_attention", lambda *a: calls.append(1) or chunked(*a))
+    ids = torch.randint(1, 128, (2, 8))
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+
+    def chunks_used(**kwargs) -> bool:
+        calls.clear()
+        model(ids, **kwargs)
+        return bool(calls)
+
+    with torch.no_grad():
+        assert chunks_used() is True
+        assert chunks_used(attention_mask=padded) is False
+        cache = model(ids, use_cache=True).cache
+        calls.clear()
+        model(ids[:, :1], cache=cache)
+        assert not calls, "a single new token takes the packed kernel"
+        model.config._attn_implementation = "eager"
+        assert chunks_used() is False
+        model.config._attn_implementation = "sdpa"
+    assert chunks_used() is False  # autograd on: the kernel, whose backward does not keep the maps
+
+
 def test_v1_without_head_norm_matches_reference():
     model, attention = _attention(1, 4, 2, 8, use_head_norm=False, lambda_init=0.3)
     assert attention.head_norm is None
@@ -109,6 +165,26 @@ def test_sdpa_matches_eager(version, padded):
     torch.testing.assert_close(
         sdpa(ids, attention_mask=mask).logits[keep], eager(ids, attention_mask=mask).logits[keep], atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("layout", ["gqa", "odd-gqa"])
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_inference_prefill_and_decode_steps_match_eager(layout, version, padded):
+    """Without autograd: the chunked prefill (unpadded) or kernel (padded), then single-token steps through the
+    packed kernel, with and without a padding mask, equal eager at every step."""
+    h, h_kv, d = HEAD_LAYOUTS[layout]
+    eager, sdpa, ids, mask = _pair(version, padded, num_attention_heads=h, num_key_value_heads=h_kv, head_dim=d)
+    with torch.no_grad():
+        results = []
+        for model in (eager, sdpa):
+            out = model(ids[:, :9], attention_mask=mask[:, :9], use_cache=True)
+            logits = [out.logits[:, -1]]
+            for t in range(9, ids.shape[1]):
+                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache)
+                logits.append(out.logits[:, -1])
+            results.append(torch.stack(logits))
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -1,6 +1,7 @@
 """Numerical robustness: long inputs in half precision, fully masked rows, properties over random configs."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
+import modeling_diff
 from modeling_diff import DiffLlamaForCausalLM
 
 
@@ -23,6 +25,10 @@ def test_half_precision_on_4096_tokens_stays_finite(version, dtype):
     assert torch.isfinite(out.loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    with torch.no_grad():  # the chunked inference path agrees with the kernel's
+        inference = model(ids).logits
+    assert torch.isfinite(inference).all()
+    torch.testing.assert_close(inference.float(), out.logits.float(), atol=0.02, rtol=0)
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -86,6 +92,8 @@ def test_properties_over_random_configs(config, seq_len, pad):
     full = eager(ids).logits
 
     torch.testing.assert_close(sdpa(ids).logits, full, atol=1e-5, rtol=1e-5)  # eager equals SDPA
+    with torch.no_grad(), mock.patch.object(modeling_diff, "CHUNK_ROW_BYTES", 1):  # and its chunks of one token
+        torch.testing.assert_close(sdpa(ids).logits, full, atol=1e-5, rtol=1e-5)
 
     prefix = eager(ids[:, :-1], use_cache=True)  # cached decoding equals the full forward
     step = eager(ids[:, -1:], cache=prefix.cache).logits[:, -1]
