@@ -161,7 +161,7 @@ class DiffLlamaAttention(nn.Module):
             lambda_out, lambda_maps = gate.unsqueeze(-1), gate.transpose(1, 2).unsqueeze(-1)
 
         maps = None
-        if self._runs_in_chunks(query, attention_mask, cache):
+        if self._runs_in_chunks(query, attention_mask):
             output = self._chunked_attention(query, key, value, lambda_out)  # (B, T, h, w)
         else:
             output, maps = self._kernel_attention(query, key, value, attention_mask, **kwargs)
@@ -196,7 +196,7 @@ class DiffLlamaAttention(nn.Module):
             self, query.transpose(1, 2), key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
         )
 
-    def _runs_in_chunks(self, query, attention_mask, cache) -> bool:
+    def _runs_in_chunks(self, query, attention_mask) -> bool:
         """Whether `_chunked_attention` computes this call: CPU SDPA inference over a causal mask, not compiled."""
         return (
             self.config._attn_implementation == "sdpa"
@@ -211,8 +211,11 @@ class DiffLlamaAttention(nn.Module):
     def _chunked_attention(self, query, key, value, lambda_) -> torch.Tensor:
         r"""The differential attention of a causal, unpadded inference call, in query chunks of matrix products.
 
-        query (B, T, 2h, d) after rotary; key (B, h_kv, S, 2d or d) and value (B, h_kv, S, w), all cached keys for
-        a single query; lambda\_ a scalar (version 1) or (B, T, h, 1) (version 2). Returns (B, T, h, w).
+        query (B, T, 2h, d) after rotary, T > 1; key (B, h_kv, S, 2d or d) and value (B, h_kv, S, w); lambda\_ a
+        scalar (version 1) or (B, T, h, 1) (version 2). Returns (B, T, h, w).
+
+        No mask means SDPA's `is_causal`, as transformers passes it: query t sees keys 0..t. The call starts the
+        sequence, and a static cache's free slots lie beyond T, never read.
 
         Each chunk of queries gets its maps as matrix products over the keys it may see, softmax, A1 − λ·A2, and one
         product with the value: the two maps share that product (a fused attention kernel multiplies each map by the
@@ -220,7 +223,7 @@ class DiffLlamaAttention(nn.Module):
         beats the one-kernel path by 1.5–2× and matches a Llama's attention (`benchmarks/attention_paths.py`).
         """
         batch, seq_len, _, d = query.shape
-        h_kv, length = self.num_key_value_heads, key.shape[2]
+        h_kv, length = self.num_key_value_heads, key.shape[2]  # a static cache's length, not T
         groups = self.num_heads // h_kv  # differential heads per KV head
         # Queries (B, h_kv, key maps, T, maps per key map, d) against keys (B, h_kv, key maps, d, S): one batched
         # product per chunk. Version 1: map s of each head reads key map s of its KV head (two key maps); version 2:
@@ -235,18 +238,15 @@ class DiffLlamaAttention(nn.Module):
         chunk_tokens = max(1, CHUNK_ROW_BYTES // query.element_size() // query.shape[-2])
 
         output = value.new_empty(batch, seq_len, h_kv, groups, value.shape[-1])
-        # No mask means SDPA's `is_causal` as transformers uses it: a single query sees every key; otherwise query t
-        # sees keys 0..t (the call starts the sequence; a static cache's free slots lie beyond and are never read).
-        earlier = length - 1 if seq_len == 1 else 0
         lowest = torch.finfo(query.dtype).min
         for start in range(0, seq_len, chunk_tokens):
             stop = min(start + chunk_tokens, seq_len)
-            rows, seen = stop - start, earlier + stop
+            rows, seen = stop - start, stop  # the keys this chunk's last token sees
             chunk = query[:, :, :, start:stop].reshape(batch, h_kv, key_maps, -1, d)
             scores = torch.matmul(chunk, key[..., :seen]).view(batch, h_kv, key_maps, rows, -1, seen)
             if rows > 1:  # the chunk's own tokens: each sees itself and those before it
                 future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu(1)
-                scores[..., earlier + start :].masked_fill_(future[:, None, :], lowest)
+                scores[..., start:].masked_fill_(future[:, None, :], lowest)
             probs = torch.softmax(scores, dim=-1)
             # (B, h_kv, T', G, 2, S'): the two maps of each head side by side, as in the kernel path
             if self.version == 1:

@@ -3,8 +3,11 @@
 For a Llama with H heads of width d over H_kv KV heads, the parameter-matched differential layer has h = H/2 heads,
 each with two d-wide query/key maps and a 2d-wide value. Candidates, all computing the same (A1 V, A2 V):
 
-- `selector` (the model's path): one call, 2h query heads zero-padded to 2d so each selects its key map in the
-  cached [K1 | K2]; equal widths everywhere.
+- `chunked` (the model's path for CPU inference, `DiffLlamaAttention._chunked_attention`): query chunks of matrix
+  products, softmax, A1 − λ·A2, then one product with the value per chunk; returns the combined head outputs (the
+  others return both maps' outputs, so it also saves the subtraction they still need).
+- `selector` (the model's path with autograd, with a mask, and on CUDA): one call, 2h query heads zero-padded to 2d
+  so each selects its key map in the cached [K1 | K2]; equal widths everywhere.
 - `split-values`: per map, two calls over the value's d-wide halves (four calls).
 - `stacked-split`: both maps stacked on the head axis (2h query heads over 2h_kv key heads), two calls over the
   value's halves; needs the value duplicated for both maps.
@@ -36,6 +39,18 @@ def sdpa(q, k, v, causal, scale, gqa=False):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
+def chunked_layer(h, h_kv, d):
+    """A version-1 attention layer of the given shape, for its `_chunked_attention`."""
+    sys.path.insert(0, str(ROOT))
+    from configuration_diff import DiffLlamaConfig
+    from modeling_diff import DiffLlamaAttention
+
+    config = DiffLlamaConfig(
+        hidden_size=2 * h * d, num_attention_heads=h, num_key_value_heads=h_kv, head_dim=d, intermediate_size=64
+    )
+    return DiffLlamaAttention(config, layer_idx=0)
+
+
 def prefill_candidates(H, H_kv, d, T, dtype, use_flex):
     """name -> zero-argument callable, over random inputs of one layer."""
     h, h_kv = H // 2, H_kv // 2
@@ -50,8 +65,12 @@ def prefill_candidates(H, H_kv, d, T, dtype, use_flex):
     stacked_q = torch.cat((q1, q2), dim=1)
     stacked_k = torch.cat((k1, k2), dim=1)
     gqa = h != h_kv
+    layer = chunked_layer(h, h_kv, d)
+    maps = torch.stack((q1, q2), dim=2).flatten(1, 2).transpose(1, 2)  # (1, T, 2h, d), the projection's layout
+    lambda_ = torch.tensor(0.5, dtype=dtype)
     candidates = {
         "llama": lambda: sdpa(q_llama, k_llama, v_llama, True, scale, H != H_kv),
+        "chunked": lambda: layer._chunked_attention(maps, keys, value, lambda_),
         "selector": lambda: sdpa(padded, keys, value, True, scale, True),
         "split-values": lambda: [sdpa(q, k, v, True, scale, gqa) for q, k in ((q1, k1), (q2, k2)) for v in (va, vb)],
         "stacked-split": lambda: [
@@ -63,13 +82,15 @@ def prefill_candidates(H, H_kv, d, T, dtype, use_flex):
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+            torch._dynamo.reset()  # a fresh compile per shape: the recompile limit would silently fall back to eager
             block_mask = create_block_mask(lambda b, hh, qi, ki: qi >= ki, None, None, T, T, device="cpu")
             flex = torch.compile(flex_attention, dynamic=False)
             run = lambda: [  # noqa: E731
                 flex(q, k.contiguous(), value, block_mask=block_mask, scale=scale, enable_gqa=gqa)
                 for q, k in ((q1, k1), (q2, k2))
             ]
-            run()  # compile outside the timing
+            with torch.no_grad():  # compile outside the timing, in the grad mode it is timed in
+                run()
             candidates["flex"] = run
         except Exception as error:  # an unsupported shape or backend is a result too
             print(f"flex unavailable at T={T}, {dtype}: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
@@ -103,12 +124,14 @@ def decode_candidates(H, H_kv, d, S, dtype):
 
 def measure(candidates, repeats):
     for run in candidates.values():
-        run()
+        with torch.no_grad():
+            run()
     times = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, run in candidates.items():  # round-robin, so background load hits all alike
             start = time.perf_counter()
-            run()
+            with torch.no_grad():
+                run()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -257,7 +257,12 @@ def measure(
         for name in models:
             median = statistics.median(seconds[name])
             value = preset.decode_tokens / median if unit == "tok/s" else median
-            results[name].figures[figure] = {"value": value, "unit": unit, "peak_bytes": peaks[name]}
+            results[name].figures[figure] = {
+                "value": value,
+                "unit": unit,
+                "peak_bytes": peaks[name],
+                "seconds": [round(s, 6) for s in seconds[name]],  # every repeat, for the spread
+            }
         del runs
         for model in models.values():
             model.zero_grad(set_to_none=True)

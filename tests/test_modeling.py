@@ -171,15 +171,17 @@ def test_sdpa_matches_eager(version, padded):
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("padded", [False, True])
 def test_inference_prefill_and_decode_steps_match_eager(layout, version, padded):
-    """Without autograd: the chunked prefill (unpadded) or kernel (padded), then single-token steps through the
-    packed kernel, with and without a padding mask, equal eager at every step."""
+    """Without autograd: the chunked prefill (unpadded) or kernel (padded), three tokens onto the cache, then
+    single-token steps through the packed kernel, with and without a padding mask, equal eager at every step."""
     h, h_kv, d = HEAD_LAYOUTS[layout]
     eager, sdpa, ids, mask = _pair(version, padded, num_attention_heads=h, num_key_value_heads=h_kv, head_dim=d)
     with torch.no_grad():
         results = []
         for model in (eager, sdpa):
-            out = model(ids[:, :9], attention_mask=mask[:, :9], use_cache=True)
+            out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
             logits = [out.logits[:, -1]]
+            out = model(ids[:, 6:9], attention_mask=mask[:, :9], cache=out.cache)  # three tokens onto a cache
+            logits.append(out.logits[:, -1])
             for t in range(9, ids.shape[1]):
                 out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache)
                 logits.append(out.logits[:, -1])
