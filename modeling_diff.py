@@ -171,7 +171,7 @@ class DiffLlamaAttention(nn.Module):
         else:
             output, maps = self._kernel_attention(query, key, value, attention_mask, **kwargs)
             output = output.view(batch, seq_len, h, 2, -1)  # the two maps of each head side by side
-            output = output[..., 0, :] - lambda_out * output[..., 1, :]  # A1 V − λ·A2 V, (B, T, h, w)
+            output = torch.addcmul(output[..., 0, :], lambda_out, output[..., 1, :], value=-1)  # A1 V − λ·A2 V
         if self.version == 1 and self.head_norm is not None:
             output = self.head_norm(output) * (1.0 - self.lambda_init)
         output = self.o_proj(output.reshape(batch, seq_len, -1))
