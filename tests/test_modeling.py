@@ -102,6 +102,8 @@ def test_chunked_path_only_where_it_applies(version, monkeypatch):
         model(ids, **kwargs)
         return bool(calls)
 
+    with torch.inference_mode():
+        assert chunks_used() is True
     with torch.no_grad():
         assert chunks_used() is True
         assert chunks_used(attention_mask=padded) is False
