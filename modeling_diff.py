@@ -244,14 +244,16 @@ class DiffLlamaAttention(nn.Module):
 
         output = value.new_empty(batch, seq_len, h_kv, groups, value.shape[-1])
         lowest = torch.finfo(query.dtype).min
+        # Within a chunk each token sees itself and those before it; a shorter last chunk takes the top-left corner
+        size = min(chunk_tokens, seq_len)
+        future = torch.ones(size, size, dtype=torch.bool, device=query.device).triu(1)
         for start in range(0, seq_len, chunk_tokens):
             stop = min(start + chunk_tokens, seq_len)
             rows, seen = stop - start, stop  # the keys this chunk's last token sees
             chunk = query[:, :, :, start:stop].reshape(batch, h_kv, key_maps, -1, d)
             scores = torch.matmul(chunk, key[..., :seen]).view(batch, h_kv, key_maps, rows, -1, seen)
-            if rows > 1:  # the chunk's own tokens: each sees itself and those before it
-                future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu(1)
-                scores[..., start:].masked_fill_(future[:, None, :], lowest)
+            if rows > 1:
+                scores[..., start:].masked_fill_(future[:rows, None, :rows], lowest)
             probs = torch.softmax(scores, dim=-1)
             # (B, h_kv, T', G, 2, S'): the two maps of each head side by side, as in the kernel path
             if self.version == 1:
@@ -259,7 +261,8 @@ class DiffLlamaAttention(nn.Module):
             else:
                 probs = probs.view(batch, h_kv, rows, groups, 2, seen)
             weights = lambda_ if self.version == 1 else lambda_[:, :, start:stop]
-            maps = torch.addcmul(probs[..., 0, :], weights, probs[..., 1, :], value=-1)  # A1 − λ·A2, (B, h_kv, T', G, S')
+            # A1 − λ·A2, (B, h_kv, T', G, S')
+            maps = torch.addcmul(probs[..., 0, :], weights, probs[..., 1, :], value=-1)
             mixed = torch.matmul(maps.view(batch, h_kv, -1, seen), value[:, :, :seen])
             output[:, start:stop] = mixed.view(batch, h_kv, rows, groups, -1).transpose(1, 2)
         return output.view(batch, seq_len, self.num_heads, -1)

@@ -32,6 +32,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configuration_diff import DiffLlamaConfig  # noqa: E402
+from modeling_diff import DiffLlamaAttention  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -41,10 +46,6 @@ def sdpa(q, k, v, causal, scale, gqa=False):
 
 def chunked_layer(h, h_kv, d):
     """A version-1 attention layer of the given shape, for its `_chunked_attention`."""
-    sys.path.insert(0, str(ROOT))
-    from configuration_diff import DiffLlamaConfig
-    from modeling_diff import DiffLlamaAttention
-
     config = DiffLlamaConfig(
         hidden_size=2 * h * d, num_attention_heads=h, num_key_value_heads=h_kv, head_dim=d, intermediate_size=64
     )

@@ -60,6 +60,15 @@ def test_v2_matches_plain_reference(layout, implementation):
     torch.testing.assert_close(_run_attention(model, attention, x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def chunk_calls(monkeypatch):
+    """A list that gets one entry per call of `DiffLlamaAttention._chunked_attention`."""
+    calls = []
+    chunked = DiffLlamaAttention._chunked_attention
+    monkeypatch.setattr(DiffLlamaAttention, "_chunked_attention", lambda *a: calls.append(1) or chunked(*a))
+    return calls
+
+
 def _maps_per_key_map(attention):
     groups = attention.num_heads // attention.num_key_value_heads
     return groups if attention.version == 1 else 2 * groups
@@ -68,13 +77,11 @@ def _maps_per_key_map(attention):
 @pytest.mark.parametrize("layout", HEAD_LAYOUTS)
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("chunk_tokens", [1, 3, 64])
-def test_chunked_inference_path_matches_plain_reference(layout, version, chunk_tokens, monkeypatch):
-    """CPU SDPA inference without a mask runs `_chunked_attention`, in chunks of 1, 3 (not dividing 11) or all tokens."""
+def test_chunked_inference_path_matches_plain_reference(layout, version, chunk_tokens, monkeypatch, chunk_calls):
+    """CPU SDPA inference without a mask runs `_chunked_attention`, in chunks of 1, 3 (not dividing 11) or all
+    tokens."""
     model, attention = _attention(version, *HEAD_LAYOUTS[layout], attn_implementation="sdpa")
     monkeypatch.setattr(modeling_diff, "CHUNK_ROW_BYTES", 4 * _maps_per_key_map(attention) * chunk_tokens)
-    calls = []
-    chunked = DiffLlamaAttention._chunked_attention
-    monkeypatch.setattr(DiffLlamaAttention, "_chunked_attention", lambda *a: calls.append(1) or chunked(*a))
     x = torch.randn(2, 11, model.config.hidden_size)
     if version == 1:
         expected = reference_v1(attention, x, model.config.rope_parameters["rope_theta"], model.config.rms_norm_eps)
@@ -82,25 +89,22 @@ def test_chunked_inference_path_matches_plain_reference(layout, version, chunk_t
         expected = reference_v2(attention, x, model.config.rope_parameters["rope_theta"])
     with torch.no_grad():
         output = _run_attention(model, attention, x)
-    assert calls, "the chunked path did not run"
+    assert chunk_calls, "the chunked path did not run"
     torch.testing.assert_close(output.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_chunked_path_only_where_it_applies(version, monkeypatch):
+def test_chunked_path_only_where_it_applies(version, chunk_calls):
     """Chunks for CPU SDPA inference over a plain causal mask; the kernel for training, padding, eager, one token."""
     model = DiffLlamaForCausalLM(tiny_config(diff_version=version)).eval()
-    calls = []
-    chunked = DiffLlamaAttention._chunked_attention
-    monkeypatch.setattr(DiffLlamaAttention, "_chunked_attention", lambda *a: calls.append(1) or chunked(*a))
     ids = torch.randint(1, 128, (2, 8))
     padded = torch.ones_like(ids)
     padded[0, :3] = 0
 
     def chunks_used(**kwargs) -> bool:
-        calls.clear()
+        chunk_calls.clear()
         model(ids, **kwargs)
-        return bool(calls)
+        return bool(chunk_calls)
 
     with torch.inference_mode():
         assert chunks_used() is True
@@ -108,9 +112,9 @@ def test_chunked_path_only_where_it_applies(version, monkeypatch):
         assert chunks_used() is True
         assert chunks_used(attention_mask=padded) is False
         cache = model(ids, use_cache=True).cache
-        calls.clear()
+        chunk_calls.clear()
         model(ids[:, :1], cache=cache)
-        assert not calls, "a single new token takes the packed kernel"
+        assert not chunk_calls, "a single new token takes the packed kernel"
         model.config._attn_implementation = "eager"
         assert chunks_used() is False
         model.config._attn_implementation = "sdpa"
