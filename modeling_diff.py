@@ -173,7 +173,7 @@ class DiffLlamaAttention(nn.Module):
             output = output.view(batch, seq_len, h, 2, -1)  # the two maps of each head side by side
             output = torch.addcmul(output[..., 0, :], lambda_out, output[..., 1, :], value=-1)  # A1 V − λ·A2 V
         if self.version == 1 and self.head_norm is not None:
-            output = self.head_norm(output) * (1.0 - self.lambda_init)
+            output = self.head_norm(output).mul_(1.0 - self.lambda_init)
         output = self.o_proj(output.reshape(batch, seq_len, -1))
 
         if maps is not None:  # eager: (B, 2h, T, S) -> the differential map A1 − λ·A2, (B, h, T, S)
@@ -230,39 +230,46 @@ class DiffLlamaAttention(nn.Module):
         batch, seq_len, _, d = query.shape
         h_kv, length = self.num_key_value_heads, key.shape[2]  # a static cache's length, not T
         groups = self.num_heads // h_kv  # differential heads per KV head
-        # Queries (B, h_kv, key maps, T, maps per key map, d) against keys (B, h_kv, key maps, d, S): one batched
-        # product per chunk. Version 1: map s of each head reads key map s of its KV head (two key maps); version 2:
-        # both maps of every head of a group read the group's one key.
+        # Queries (B·h_kv·key maps, T·maps per key map, d) against keys (B·h_kv·key maps, d, S): one batched product
+        # per chunk. Version 1: map s of each head reads key map s of its KV head (two key maps); version 2: both maps
+        # of every head of a group read the group's one key.
         if self.version == 1:
             key_maps, query = 2, query.view(batch, seq_len, h_kv, groups, 2, d).permute(0, 2, 4, 1, 3, 5)
         else:
             key_maps, query = 1, query.view(batch, seq_len, h_kv, 1, 2 * groups, d).permute(0, 2, 3, 1, 4, 5)
             lambda_ = lambda_.view(batch, seq_len, h_kv, groups, 1).transpose(1, 2)  # (B, h_kv, T, G, 1)
-        query = query.contiguous().mul_(self.scaling)
-        key = key.view(batch, h_kv, length, key_maps, d).permute(0, 1, 3, 4, 2).contiguous()
-        chunk_tokens = max(1, CHUNK_ROW_BYTES // query.element_size() // query.shape[-2])
+        per_token = query.shape[-2]  # query maps per key map and token
+        query = query.contiguous().view(-1, seq_len * per_token, d)
+        key = key.view(batch, h_kv, length, key_maps, d).permute(0, 1, 3, 4, 2).reshape(-1, d, length)
+        chunk_tokens = min(seq_len, max(1, CHUNK_ROW_BYTES // query.element_size() // per_token))
 
+        # The maps of one chunk live in two buffers made once per call and reused by every chunk, so the chunks do
+        # not allocate (and page in) megabytes of fresh memory each.
+        scores_buffer = query.new_empty(query.shape[0] * chunk_tokens * per_token * seq_len)
+        maps_buffer = query.new_empty(batch * h_kv * chunk_tokens * groups * seq_len)
         output = value.new_empty(batch, seq_len, h_kv, groups, value.shape[-1])
         lowest = torch.finfo(query.dtype).min
         # Within a chunk each token sees itself and those before it; a shorter last chunk takes the top-left corner
-        size = min(chunk_tokens, seq_len)
-        future = torch.ones(size, size, dtype=torch.bool, device=query.device).triu(1)
+        future = torch.ones(chunk_tokens, chunk_tokens, dtype=torch.bool, device=query.device).triu(1)
         for start in range(0, seq_len, chunk_tokens):
             stop = min(start + chunk_tokens, seq_len)
             rows, seen = stop - start, stop  # the keys this chunk's last token sees
-            chunk = query[:, :, :, start:stop].reshape(batch, h_kv, key_maps, -1, d)
-            scores = torch.matmul(chunk, key[..., :seen]).view(batch, h_kv, key_maps, rows, -1, seen)
+            scores = scores_buffer[: query.shape[0] * rows * per_token * seen].view(-1, rows * per_token, seen)
+            chunk = query[:, start * per_token : stop * per_token]
+            scores.baddbmm_(chunk, key[..., :seen], beta=0, alpha=self.scaling)  # Q Kᵀ/√d, no other values read
             if rows > 1:
-                scores[..., start:].masked_fill_(future[:rows, None, :rows], lowest)
-            probs = torch.softmax(scores, dim=-1)
-            # (B, h_kv, T', G, 2, S'): the two maps of each head side by side, as in the kernel path
-            if self.version == 1:
-                probs = probs.permute(0, 1, 3, 4, 2, 5)
-            else:
-                probs = probs.view(batch, h_kv, rows, groups, 2, seen)
-            weights = lambda_ if self.version == 1 else lambda_[:, :, start:stop]
-            # A1 − λ·A2, (B, h_kv, T', G, S')
-            maps = torch.addcmul(probs[..., 0, :], weights, probs[..., 1, :], value=-1)
+                scores.view(-1, rows, per_token, seen)[..., start:].masked_fill_(future[:rows, None, :rows], lowest)
+            torch.softmax(scores, dim=-1, out=scores)  # in place
+            maps = maps_buffer[: batch * h_kv * rows * groups * seen]
+            if self.version == 1:  # (B·h_kv, 2, T'·G, S'): the key maps' probabilities one after the other
+                probs = scores.view(-1, 2, rows * groups, seen)
+                first, second, weights = probs[:, 0], probs[:, 1], lambda_
+                maps = maps.view(-1, rows * groups, seen)
+            else:  # (B, h_kv, T', G, 2, S'): the two maps of each head side by side
+                probs = scores.view(batch, h_kv, rows, groups, 2, seen)
+                first, second, weights = probs[..., 0, :], probs[..., 1, :], lambda_[:, :, start:stop]
+                maps = maps.view(batch, h_kv, rows, groups, seen)
+            torch.addcmul(first, weights, second, value=-1, out=maps)  # A1 − λ·A2
             mixed = torch.matmul(maps.view(batch, h_kv, -1, seen), value[:, :, :seen])
             output[:, start:stop] = mixed.view(batch, h_kv, rows, groups, -1).transpose(1, 2)
         return output.view(batch, seq_len, self.num_heads, -1)
