@@ -2,14 +2,23 @@
 # On a CUDA machine: correctness of every attention path on CUDA, then the side-by-side benchmark at about 1B
 # parameters and 4096 tokens. Fits in 8 minutes on one H100/H200-class GPU; results land in benchmarks/results/gpu/.
 #   bash benchmarks/gpu_check.sh
+# The same steps on the CPU at a tiny size, which checks the script itself (tests/test_benchmarks.py runs this):
+#   DEVICE=cpu PRESET=tiny OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=benchmarks/results/gpu
+device=${DEVICE:-cuda}
+preset=${PRESET:-gpu-1b}
+out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-timeout 150 python benchmarks/cuda_checks.py --out "$out/cuda_checks.json" 2>&1 | tee "$out/cuda_checks.log"
+if [ "$device" = cuda ]; then
+    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" ||
+        exit 1
+fi
+timeout 150 python benchmarks/cuda_checks.py --device "$device" --out "$out/cuda_checks.json" 2>&1 |
+    tee "$out/cuda_checks.log"
 checks=${PIPESTATUS[0]}
-timeout 300 python benchmarks/perf.py --preset gpu-1b --device cuda --repeats 3 --out "$out/perf" 2>&1 | tee "$out/perf.log"
+timeout 300 python benchmarks/perf.py --preset "$preset" --device "$device" --repeats 3 --out "$out/perf" 2>&1 |
+    tee "$out/perf.log"
 perf=${PIPESTATUS[0]}
 echo "cuda checks exit $checks, benchmark exit $perf; results in $out"
 exit $(( checks != 0 || perf != 0 ))

@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end and writes what it measured (timings themselves are not asserted here)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,3 +26,18 @@ def test_perf_harness_writes_json_markdown_and_plot(tmp_path):
     assert set(paired["figures"]) == set(llama["figures"]) >= {"prefill_32", "decode_tokens_per_s", "train_step_32"}
     assert "llama" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_check.sh` end to end at a tiny size on the CPU: the correctness checks pass (with SDPA's
+    chunked and packed CPU paths in place of CUDA's) and the benchmark writes its results."""
+    env = dict(os.environ, DEVICE="cpu", PRESET="tiny", OUT=str(tmp_path))
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checks = json.loads((tmp_path / "cuda_checks.json").read_text())
+    assert checks["device"] == "cpu"
+    assert len(checks["checks"]) == 8  # 2 versions × fp32/bf16 × unpadded/padded, SDPA
+    assert all(check["ok"] for check in checks["checks"]), checks["checks"]
+    assert {r["model"] for r in json.loads((tmp_path / "perf" / "results.json").read_text())["results"]} >= {"llama"}
