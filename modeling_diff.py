@@ -99,14 +99,14 @@ class DiffLlamaAttention(nn.Module):
     width 2d, and query map s is widened to 2d with zeros over the other key map, so its dot product with that key
     is exactly Q_s·K_sᵀ and both maps read the 2d-wide value in the same pass. Query, key and value widths are then
     equal, which CPU SDPA's fast kernel, CUDA flash SDPA and FlashAttention-2 require, and no key is copied; the
-    price is multiplying zeros in QKᵀ (1.75–1.8× a Llama's attention kernel on CPU, against 2.0–2.1× for four calls
-    over the value's halves and 2–8× for SDPA with the wider value, `benchmarks/attention_paths.py`).
+    price is multiplying zeros in QKᵀ (1.7–1.8× a Llama's attention kernel on CPU, against 1.7–2.2× for four calls
+    over the value's halves and 2.4–7.7× for SDPA with the wider value, `benchmarks/attention_paths.py`).
 
     With SDPA, two cases take a faster route to the same result:
     - inference on CPU over a plain causal mask (no autograd, no padding), `_chunked_attention`: maps as matrix
-      products per chunk of queries, combined before the value product, 0.7–1.3× a Llama's attention kernel;
+      products per chunk of queries, combined before the value product, 0.7–1.2× a Llama's attention kernel;
     - a single new token: each KV group's query maps become that group's query rows in one SDPA call, instead of the
-      `enable_gqa` call transformers would make (about 4× faster in fp32 and 10× in bf16 on CPU, 2,048 cached).
+      `enable_gqa` call transformers would make (about 3× faster in fp32 and 10× in bf16 on CPU, 2,048 cached).
     """
 
     def __init__(self, config: DiffLlamaConfig, layer_idx: int):
@@ -190,7 +190,7 @@ class DiffLlamaAttention(nn.Module):
         shared_mask = attention_mask is None or attention_mask.shape[1] == 1
         if seq_len == 1 and self.config._attn_implementation == "sdpa" and shared_mask:
             # One new token: the query maps of each KV group become that group's query rows, (B, h_kv, 2h/h_kv, w).
-            # transformers would run SDPA with enable_gqa here, about 4× (fp32) to 10× (bf16) slower on CPU.
+            # transformers would run SDPA with enable_gqa here, about 3× (fp32) to 10× (bf16) slower on CPU.
             rows = query.view(batch, self.num_key_value_heads, -1, width)
             output = nn.functional.scaled_dot_product_attention(
                 rows, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling
@@ -225,7 +225,7 @@ class DiffLlamaAttention(nn.Module):
         Each chunk of queries gets its maps as matrix products over the keys it may see, softmax, A1 − λ·A2, and one
         product with the value: the two maps share that product (a fused attention kernel multiplies each map by the
         value), the maps are never wider than one chunk, and keys past the chunk's last token are skipped. On CPU this
-        is 1.3–2.4× faster than the one-kernel path and 0.7–1.3× a Llama's attention (`benchmarks/attention_paths.py`).
+        is 1.5–2.4× faster than the one-kernel path and 0.7–1.2× a Llama's attention (`benchmarks/attention_paths.py`).
         """
         batch, seq_len, _, d = query.shape
         h_kv, length = self.num_key_value_heads, key.shape[2]  # a static cache's length, not T

@@ -17,7 +17,7 @@ each with two d-wide query/key maps and a 2d-wide value. Candidates, all computi
 Decode (one query over a long cache) is measured too, where GQA handling dominates: `enable_gqa`, folding a
 group's query heads into the sequence axis, or repeating K/V.
 
-    python benchmarks/attention_paths.py [--lengths 512 2048] [--dtypes fp32 bf16] [--no-flex]
+    python benchmarks/attention_paths.py [--lengths 512 2048 4096] [--dtypes fp32 bf16] [--no-flex]
 """
 
 import argparse
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
     parser.add_argument("--decode-cache", type=int, default=2048)
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=7)
