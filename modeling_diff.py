@@ -99,8 +99,8 @@ class DiffLlamaAttention(nn.Module):
     width 2d, and query map s is widened to 2d with zeros over the other key map, so its dot product with that key
     is exactly Q_s·K_sᵀ and both maps read the 2d-wide value in the same pass. Query, key and value widths are then
     equal, which CPU SDPA's fast kernel, CUDA flash SDPA and FlashAttention-2 require, and no key is copied; the
-    price is multiplying zeros in QKᵀ (1.7–1.8× a Llama's attention kernel on CPU, against 1.7–2.2× for four calls
-    over the value's halves and 2.4–7.7× for SDPA with the wider value, `benchmarks/attention_paths.py`).
+    price is multiplying zeros in QKᵀ (1.7–1.8× a Llama's attention kernel on CPU, against 1.7–2.2× for four
+    calls over the value's halves and 2.4–7.7× for SDPA with the wider value, `benchmarks/attention_paths.py`).
 
     With SDPA, two cases take a faster route to the same result:
     - inference on CPU over a plain causal mask (no autograd, no padding), `_chunked_attention`: maps as matrix
@@ -224,15 +224,16 @@ class DiffLlamaAttention(nn.Module):
 
         Each chunk of queries gets its maps as matrix products over the keys it may see, softmax, A1 − λ·A2, and one
         product with the value: the two maps share that product (a fused attention kernel multiplies each map by the
-        value), the maps are never wider than one chunk, and keys past the chunk's last token are skipped. On CPU this
-        is 1.5–2.4× faster than the one-kernel path and 0.7–1.2× a Llama's attention (`benchmarks/attention_paths.py`).
+        value), the maps are never wider than one chunk, and keys past the chunk's last token are skipped. On CPU
+        this is 1.5–2.4× faster than the one-kernel path and 0.7–1.2× a Llama's attention
+        (`benchmarks/attention_paths.py`).
         """
         batch, seq_len, _, d = query.shape
         h_kv, length = self.num_key_value_heads, key.shape[2]  # a static cache's length, not T
         groups = self.num_heads // h_kv  # differential heads per KV head
-        # Queries (B·h_kv·key maps, T·maps per key map, d) against keys (B·h_kv·key maps, d, S): one batched product
-        # per chunk. Version 1: map s of each head reads key map s of its KV head (two key maps); version 2: both maps
-        # of every head of a group read the group's one key.
+        # Queries (B·h_kv·key maps, T·maps per key map, d) against keys (B·h_kv·key maps, d, S): one batched
+        # product per chunk. Version 1: map s of each head reads key map s of its KV head (two key maps); version 2:
+        # both maps of every head of a group read the group's one key.
         if self.version == 1:
             key_maps, query = 2, query.view(batch, seq_len, h_kv, groups, 2, d).permute(0, 2, 4, 1, 3, 5)
         else:
@@ -259,7 +260,7 @@ class DiffLlamaAttention(nn.Module):
             scores.baddbmm_(chunk, key[..., :seen], beta=0, alpha=self.scaling)  # Q Kᵀ/√d, no other values read
             if rows > 1:
                 scores.view(-1, rows, per_token, seen)[..., start:].masked_fill_(future[:rows, None, :rows], lowest)
-            torch.softmax(scores, dim=-1, out=scores)  # in place
+            torch.softmax(scores, dim=-1, out=scores)  # in place: the kernel reads a row whole before writing it
             maps = maps_buffer[: batch * h_kv * rows * groups * seen]
             if self.version == 1:  # (B·h_kv, 2, T'·G, S'): the key maps' probabilities one after the other
                 probs = scores.view(-1, 2, rows * groups, seen)
