@@ -27,9 +27,7 @@ from modeling_diff import DiffLlamaForCausalLM  # noqa: E402
 
 # Largest error allowed against eager, relative to the largest logit: 1-3 bf16 ulps are normal at these sizes
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-
-
-PREFILL = 200
+PREFILL = 200  # tokens before cached decoding starts, of 256
 
 
 def check(version: int, implementation: str, dtype: torch.dtype, padded: bool, device: str) -> dict:
