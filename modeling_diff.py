@@ -241,12 +241,13 @@ class DiffLlamaAttention(nn.Module):
             lambda_ = lambda_.view(batch, seq_len, h_kv, groups, 1).transpose(1, 2)  # (B, h_kv, T, G, 1)
         per_token = query.shape[-2]  # query maps per key map and token
         query = query.contiguous().view(-1, seq_len * per_token, d)
+        slabs = query.shape[0]  # B·h_kv·key maps: the batch of every product of queries and keys
         key = key.view(batch, h_kv, length, key_maps, d).permute(0, 1, 3, 4, 2).reshape(-1, d, length)
         chunk_tokens = min(seq_len, max(1, CHUNK_ROW_BYTES // query.element_size() // per_token))
 
         # The maps of one chunk live in two buffers made once per call and reused by every chunk, so the chunks do
         # not allocate (and page in) megabytes of fresh memory each.
-        scores_buffer = query.new_empty(query.shape[0] * chunk_tokens * per_token * seq_len)
+        scores_buffer = query.new_empty(slabs * chunk_tokens * per_token * seq_len)
         maps_buffer = query.new_empty(batch * h_kv * chunk_tokens * groups * seq_len)
         output = value.new_empty(batch, seq_len, h_kv, groups, value.shape[-1])
         lowest = torch.finfo(query.dtype).min
@@ -255,7 +256,7 @@ class DiffLlamaAttention(nn.Module):
         for start in range(0, seq_len, chunk_tokens):
             stop = min(start + chunk_tokens, seq_len)
             rows, seen = stop - start, stop  # the keys this chunk's last token sees
-            scores = scores_buffer[: query.shape[0] * rows * per_token * seen].view(-1, rows * per_token, seen)
+            scores = scores_buffer[: slabs * rows * per_token * seen].view(slabs, rows * per_token, seen)
             chunk = query[:, start * per_token : stop * per_token]
             scores.baddbmm_(chunk, key[..., :seen], beta=0, alpha=self.scaling)  # Q Kᵀ/√d, no other values read
             if rows > 1:
