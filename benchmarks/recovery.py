@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = finetune(
             model=folders[name], output=args.work / "runs" / name, mode="lora", steps=args.steps,
             block_size=args.block_size, batch_size=args.batch_size, learning_rate=args.learning_rate,
-            lora_r=args.lora_r, max_eval_tokens=args.eval_tokens, seed=args.seed, log_every=1,
+            lora_r=args.lora_r, eval_tokens=args.eval_tokens, seed=args.seed, log_every=1,
             save_steps=10 * args.steps,  # no intermediate checkpoints: nothing here resumes
         )
         metrics["converted_parameters"] = parameter_counts(folders[name])["parameters"]

@@ -1,16 +1,19 @@
-"""Command line: `python -m conversion [SOURCE] OUTPUT [options]`, also installed as `diffllama-convert`."""
+"""Command line: `python -m conversion [SOURCE] [OUTPUT] [options]`, also installed as `diffllama-convert`."""
 
 import argparse
 import inspect
 import logging as std_logging
 import re
+import signal
 import sys
+import threading
 
 from transformers.utils import logging
 
+from . import sources
 from .convert import DTYPES, convert
-from .errors import ConversionError
-from .weight_map import STRATEGIES, WIDENED_INITS
+from .errors import ConversionError, ConversionInterrupted
+from .weight_map import DEFAULT_WIDENED_INIT, STRATEGIES, WIDENED_INITS
 
 
 def _docstring_args(function) -> dict[str, str]:
@@ -24,31 +27,62 @@ def _docstring_args(function) -> dict[str, str]:
 def parser() -> argparse.ArgumentParser:
     helps = _docstring_args(convert)
     summary = inspect.getdoc(convert).split("Args:", 1)[0].strip()
-    cli = argparse.ArgumentParser(
-        prog="python -m conversion", description=summary, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    # Two optional positionals: with one path given, argparse fills SOURCE, and `main` moves it to OUTPUT.
+    cli = argparse.ArgumentParser(prog="python -m conversion", description=summary, formatter_class=_HelpFormatter)
+    # Two optional positionals: with one path given, `main` decides whether it names the source or the output.
     cli.add_argument("source", nargs="?", metavar="SOURCE", help=helps["source"])
     cli.add_argument("output", nargs="?", metavar="OUTPUT", help=helps["output"])
     cli.add_argument("--strategy", choices=STRATEGIES, default="v2", help=helps["strategy"])
-    cli.add_argument("--preserve", action="store_true", help=helps["preserve"])
+    preserve = cli.add_mutually_exclusive_group()
+    preserve.add_argument("--preserve", action="store_true", default=None, help=helps["preserve"])
+    preserve.add_argument(
+        "--no-preserve",
+        dest="preserve",
+        action="store_false",
+        help="Do not preserve the source's function: the paper's initialisation of the new attention maps.",
+    )
     cli.add_argument("--dtype", choices=list(DTYPES), help=helps["dtype"])
     cli.add_argument("--overwrite", action="store_true", help=helps["overwrite"])
     cli.add_argument(
-        "--no-verify", dest="verify", action="store_false", help=helps["verify"].replace("Reload", "Skip: reload", 1)
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="Do not reload the result to check it. By default the converted model is reloaded and its parameter "
+        "counts, held-out perplexity and a greedy generation are printed beside the source's.",
     )
     cli.add_argument("--max-shard-size", default="5GB", help=helps["max_shard_size"])
     cli.add_argument("--seed", type=int, default=0, help=helps["seed"])
-    cli.add_argument("--init", choices=WIDENED_INITS, default=None, help=helps["init"])
-    cli.add_argument("--no-progress", dest="progress", action="store_false", help="Hide the progress bar.")
+    cli.add_argument("--init", choices=WIDENED_INITS, default=DEFAULT_WIDENED_INIT, help=helps["init"])
+    cli.add_argument("--no-progress", dest="progress", action="store_false", help="Hide the progress bars.")
     cli.add_argument("--debug", action="store_true", help="Show full tracebacks and transformers' own log.")
     return cli
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's paragraphs as written, and each option's default after its help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "Default" in (action.help or ""):
+            return action.help  # flags, and defaults the help text states itself
+        return super()._get_help_string(action)
+
+
+def _paths(args) -> tuple[str | None, str | None]:
+    """(source, output) from the positionals: a lone path that names a checkpoint is the source, else the output."""
+    if args.output is not None or args.source is None:
+        return args.source, args.output
+    if sources.looks_like_source(args.source):
+        return args.source, None
+    return None, args.source
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: no temporary folder is left behind
 
 
 def main(argv: list[str] | None = None) -> int:
     cli = parser()
     args = cli.parse_args(argv)
-    source, output = (None, args.source) if args.output is None else (args.source, args.output)
+    source, output = _paths(args)
 
     # Our progress and results at INFO; transformers' own loading chatter only with --debug.
     handler = std_logging.StreamHandler(sys.stderr)
@@ -60,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ours.propagate = False
     if args.debug:
         logging.set_verbosity_info()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
 
     options = dict(
         source=source,
@@ -71,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         verify=args.verify,
         max_shard_size=args.max_shard_size,
         seed=args.seed,
+        init=args.init,
         progress=args.progress,
     )
-    if args.init:
-        options["init"] = args.init
     try:
         convert(**options)
     except ConversionError as error:
@@ -82,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except ConversionInterrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the conversion had a temporary folder
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     except Exception as error:  # an unexpected failure: one line, the traceback on request
@@ -91,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(error).__name__}: {error} (run again with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         ours.removeHandler(handler)
         ours.setLevel(saved[0])
         ours.propagate = saved[1]

@@ -1,20 +1,25 @@
 """Convert a Llama-family checkpoint into a DiffLlama checkpoint: plan on meta tensors, stream, rename into place."""
 
 import errno
+import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from transformers.utils import logging
 
+from . import output as outputs
 from . import sources
-from .errors import ConversionError
+from .errors import ConversionError, ConversionInterrupted
 from .weight_map import (
     DEFAULT_WIDENED_INIT,
     STRATEGIES,
     WeightMap,
+    can_preserve,
     check_strategy,
     check_supported,
 )
@@ -23,8 +28,10 @@ from .writer import Entry, StreamingWriter, parse_size
 logger = logging.get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TEMP_MARK = ".converting-"
-REPLACED_MARK = ".replaced-"
+# Perplexity above this multiple of the source's, after conversion, earns a warning: the model needs training.
+PERPLEXITY_WARNING_RATIO = 1.5
+# Front-matter values written as they are; anything else is quoted (and checked) first.
+SAFE_YAML = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]*")
 
 
 @dataclass
@@ -43,7 +50,7 @@ def convert(
     source: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
     strategy: str = "v2",
-    preserve: bool = False,
+    preserve: bool | None = None,
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     verify: bool = True,
@@ -69,41 +76,39 @@ def convert(
             head i (even head counts only). v2: the 2026 revision, source heads become Q1, keys, values and
             o_proj are reused, Q2 and lambda_proj are new (any head count, Llama-sized KV cache). Default v2: the
             evidence in the README (exact preservation, fewest new parameters, Llama's KV cache and decode speed).
-        preserve: Start as exactly the source's function (equal logits, identical greedy generations) while the
-            new parameters still learn: widened uses lambda_init=0 without head norm, v2 uses Q2=Q1, lambda_proj=0
-            and o_proj doubled. Not possible with paired.
+        preserve: Start as exactly the source's function (its logits to rounding, identical greedy generations)
+            while the new parameters still learn: widened uses lambda_init=0 without head norm, v2 uses Q2=Q1,
+            lambda_proj=0 and o_proj doubled. Default: on for every strategy that can preserve (all but paired);
+            off (--no-preserve) gives the paper's initialisation, a model that must be trained before use.
         dtype: float32, bfloat16 or float16 for the written weights. Default: the source's own dtype (float32
             for GGUF, which is dequantised).
-        overwrite: Replace OUTPUT if it exists (only once the new folder is complete).
+        overwrite: Replace OUTPUT if it is an earlier conversion's output (only once the new folder is complete;
+            a folder this tool did not write is never replaced).
         verify: Reload the result and print parameter counts, the held-out perplexity of source and converted
-            model on a fixed sample of Python standard-library code, and one greedy generation.
+            model on a fixed sample of Python standard-library code, and one greedy generation of each.
         max_shard_size: Largest output file before the weights are split into shards, as in save_pretrained.
         seed: Seed of the random initialisation of new parameters; equal seeds give identical files.
         init: How widened initialises map 2 and the new value half: copy, random or random-out (see
             conversion.weight_map.WIDENED_INITS).
-        progress: Show a progress bar over tensors.
+        progress: Show progress bars (reading a GGUF file, converting tensors).
 
     Returns:
         The output folder.
     """
     shard_bytes = parse_size(max_shard_size)  # bad options fail before any work
-    resolved = sources.resolve(source)
-    output = Path(output if output is not None else default_output(resolved, strategy)).expanduser().absolute()
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConversionError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
-        dtype = DTYPES[dtype]
     if strategy not in STRATEGIES:
         raise ConversionError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"output {output} is a file, not a folder: choose a folder path (it is created).")
-    if output.exists() and not overwrite:
-        raise ConversionError(f"output {output} already exists: choose another folder or pass --overwrite.")
-    clean_stale(output)
+    if preserve is None:
+        preserve = can_preserve(strategy)
+    dtype = _parse_dtype(dtype)
+    resolved = sources.resolve(source, progress=progress)
+    output = Path(output if output is not None else default_output(resolved, strategy)).expanduser().absolute()
+    outputs.recover(output)  # what a killed earlier conversion into this folder left behind
+    outputs.check_output(output, source=resolved.path, overwrite=overwrite)
 
     architecture = check_supported(resolved.config)
     check_strategy(resolved.config, strategy=strategy, preserve=preserve)
-    notes = _unsupported_features(resolved.config)
+    notes = _unsupported_features(resolved.config) + resolved.notes
     tokenizer = resolved.tokenizer()
     if len(tokenizer) > resolved.config.vocab_size:  # token ids past the embedding would fail at the first use
         raise ConversionError(
@@ -113,6 +118,7 @@ def convert(
         )
 
     shards = resolved.shards()
+    notes += _untie_distinct_head(shards, resolved.config)
     weight_map, plan = _plan(
         shards, resolved.config, strategy=strategy, preserve=preserve, dtype=dtype, seed=seed, init=init
     )
@@ -122,9 +128,22 @@ def convert(
         f"{plan.source_parameters:,} -> {plan.target_parameters:,} parameters "
         f"(+{(plan.target_parameters - plan.source_parameters) // layers:,} per layer)"
     )
+    card = dict(
+        source=resolved.title,
+        metadata=resolved.card_metadata(),
+        architecture=architecture,
+        strategy=strategy,
+        preserve=preserve,
+        dtype=dtype,
+        seed=seed,
+        init=init,
+        plan=plan,
+        layers=layers,
+        notes=notes,
+    )
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    temp = output.parent / f".{output.name}{TEMP_MARK}{os.getpid()}"
+    temp = outputs.temporary_folder(output)
     temp.mkdir()
     writer = StreamingWriter(temp, plan.entries, shard_bytes)
     try:
@@ -132,22 +151,9 @@ def convert(
         weight_map.target_config.save_pretrained(temp)  # also copies configuration_diff.py and modeling_diff.py
         tokenizer.save_pretrained(temp)
         resolved.generation_config().save_pretrained(temp)
-        (temp / "README.md").write_text(
-            model_card(
-                source=resolved.name,
-                metadata=resolved.card_metadata(),
-                architecture=architecture,
-                strategy=strategy,
-                preserve=preserve,
-                dtype=dtype,
-                seed=seed,
-                init=init,
-                plan=plan,
-                layers=layers,
-                notes=notes,
-            )
-        )
-        _move_into_place(temp, output, overwrite=overwrite)
+        (temp / "README.md").write_text(model_card(**card))
+        outputs.write_manifest(temp, _manifest_facts(resolved, strategy, preserve, dtype, seed, init))
+        outputs.move_into_place(temp, output)
     except BaseException as error:
         writer.abort()
         shutil.rmtree(temp, ignore_errors=True)
@@ -156,18 +162,52 @@ def convert(
                 f"no space left to write {output} ({error.strerror}); nothing was written and the source is "
                 "untouched: free space on that disk or choose another OUTPUT."
             ) from error
+        if isinstance(error, KeyboardInterrupt):
+            raise ConversionInterrupted(f"interrupted: nothing was written; {output} is as it was") from error
         raise
     logger.info(f"wrote {output}")
 
     if verify:
         from .verify import verify as run_verify
 
-        report = run_verify(source=resolved, output=output)
+        try:
+            report = run_verify(source=resolved, output=output, progress=progress)
+        except KeyboardInterrupt as error:
+            raise ConversionInterrupted(
+                f"interrupted during verification: {output} was written completely; it was not verified"
+            ) from error
         for line in verification_lines(report, preserve=preserve):
             logger.info(line)
-        if preserve and not report["same_generation"]:
-            logger.warning("the converted model's greedy generation differs from the source's (see above)")
+        for warning in verification_warnings(report, strategy=strategy, preserve=preserve):
+            logger.warning(f"warning: {warning}")
+        _replace_text(output / "README.md", model_card(**card, report=report))
     return output
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def _manifest_facts(resolved, strategy, preserve, dtype, seed, init) -> dict:
+    facts = {"source": resolved.title, "strategy": strategy, "preserve": preserve, "seed": seed}
+    facts["dtype"] = str(dtype).removeprefix("torch.") if dtype else "source"
+    if strategy == "widened":
+        facts["init"] = init
+    return facts
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a file of the finished output whole or not at all (a rename over the old one)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def default_output(source: "sources.Source", strategy: str) -> Path:
@@ -206,6 +246,30 @@ def _plan(shards, config, *, strategy, preserve, dtype, seed, init) -> tuple[Wei
     )
 
 
+def _untie_distinct_head(shards, config) -> list[str]:
+    """Follow transformers when a config ties the embeddings but the checkpoint holds an `lm_head` of its own.
+
+    transformers then ties only if the two tensors are equal, and otherwise uses both (it warns and does not tie).
+    The conversion must compute the same function, so a distinct `lm_head` is kept and the output is untied.
+    """
+    if not getattr(config, "tie_word_embeddings", False):
+        return []
+    found = {}
+    for shard in shards:
+        with shard:
+            for key in {"lm_head.weight", "model.embed_tokens.weight"} & set(shard.keys()):
+                found[key] = shard.get(key)
+    if len(found) < 2 or torch.equal(found["lm_head.weight"], found["model.embed_tokens.weight"]):
+        return []
+    config.tie_word_embeddings = False
+    note = (
+        "the source's config ties the embeddings but its checkpoint holds a different lm_head, which transformers "
+        "loads untied; the converted model keeps that lm_head (tie_word_embeddings false)"
+    )
+    logger.warning(note)
+    return [note]
+
+
 def _check_source_shapes(metas, config) -> None:
     """Every source tensor has the shape its own config implies (read off the source model on the meta device).
 
@@ -221,6 +285,12 @@ def _check_source_shapes(metas, config) -> None:
             raise ConversionError(
                 f"{key!r} has shape {tuple(meta.shape)} in the checkpoint but its config.json implies {expected[key]}: "
                 "the source's config.json does not match its weights, or the file is damaged; re-download it."
+            )
+        if key in expected and not meta.dtype.is_floating_point:
+            raise ConversionError(
+                f"{key!r} is stored as {str(meta.dtype).removeprefix('torch.')} in the checkpoint, but it is a "
+                "weight of the model and must be a floating-point tensor: the file's header is damaged or the "
+                "tensor was quantised by a tool this conversion does not read; re-download the checkpoint."
             )
 
 
@@ -239,6 +309,7 @@ def _stream(shards, weight_map: WeightMap, writer: StreamingWriter, plan: Plan, 
             for key in shard.keys():
                 tensor = shard.get(key)
                 for name, converted in weight_map.convert(key, tensor):
+                    _check_finite(name, converted, source=tensor)
                     writer.write(name, converted)
                 del tensor
                 bar.update(1)
@@ -247,41 +318,20 @@ def _stream(shards, weight_map: WeightMap, writer: StreamingWriter, plan: Plan, 
     weight_map.check_complete()
 
 
-def clean_stale(output: Path) -> None:
-    """Remove temporary folders that a killed conversion into `output` left behind (their process is gone)."""
-    if not output.parent.is_dir():
+def _check_finite(name: str, converted: torch.Tensor, *, source: torch.Tensor) -> None:
+    """Refuse a tensor whose values are not finite: beyond the range of the written dtype, or damaged at the source."""
+    if not converted.dtype.is_floating_point or torch.isfinite(converted).all():
         return
-    for mark in (TEMP_MARK, REPLACED_MARK):
-        for folder in output.parent.glob(f".{output.name}{mark}*"):
-            pid = folder.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                continue  # another conversion into the same folder is running
-            logger.warning(f"removing {folder}, left by an interrupted conversion")
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _move_into_place(temp: Path, output: Path, *, overwrite: bool) -> None:
-    if not output.exists():
-        temp.rename(output)
-        return
-    if not overwrite:
+    if source.dtype.is_floating_point and not torch.isfinite(source).all():
         raise ConversionError(
-            f"output {output} appeared during the conversion: choose another folder or pass --overwrite."
+            f"the source tensor behind {name!r} holds inf or NaN values: the checkpoint is damaged; re-download it."
         )
-    replaced = output.parent / f".{output.name}{REPLACED_MARK}{os.getpid()}"
-    output.rename(replaced)
-    temp.rename(output)
-    shutil.rmtree(replaced, ignore_errors=True)
+    largest = source.abs().max().item()
+    limit = torch.finfo(converted.dtype).max
+    raise ConversionError(
+        f"{name!r} comes from source values up to {largest:.4g}, beyond {str(converted.dtype).removeprefix('torch.')}'s range "
+        f"(±{limit:.4g}): they would be written as inf; use --dtype bfloat16 or float32."
+    )
 
 
 def _unsupported_features(config) -> list[str]:
@@ -299,8 +349,9 @@ def _unsupported_features(config) -> list[str]:
 
 
 def model_card(
-    *, source, metadata, architecture, strategy, preserve, dtype, seed, init, plan: Plan, layers, notes
+    *, source, metadata, architecture, strategy, preserve, dtype, seed, init, plan: Plan, layers, notes, report=None
 ) -> str:
+    """The output's README.md: Hub metadata, what was converted how, usage, and what the verification measured."""
     added = plan.target_parameters - plan.source_parameters
     options = [
         f"strategy `{strategy}`",
@@ -310,10 +361,12 @@ def model_card(
     ]
     if strategy == "widened":
         options.append(f"init `{init}`")
+    front_matter = {key: metadata[key] for key in ("base_model", "license") if key in metadata}
+    if "base_model" in front_matter:
+        front_matter["base_model_relation"] = "finetune"
     lines = [
         "---",
-        *(f"{key}: {metadata[key]}" for key in ("base_model", "license") if key in metadata),
-        *(["base_model_relation: finetune"] if "base_model" in metadata else []),
+        *(line for key, value in front_matter.items() for line in _yaml_line(key, value)),
         "library_name: transformers",
         "pipeline_tag: text-generation",
         "tags:",
@@ -325,17 +378,18 @@ def model_card(
         f"# DiffLlama converted from {source}",
         "",
         f"Differential-attention model (arXiv 2410.05258{', 2026 revision (V2)' if strategy == 'v2' else ''}) "
-        f"initialised from `{source}` ({architecture}) by `python -m conversion`.",
+        f"initialised from {source} ({architecture}) by `python -m conversion`.",
         "",
         f"- Options: {', '.join(options)}",
         f"- Parameters: {plan.source_parameters:,} in the source, {plan.target_parameters:,} converted "
         f"(+{added:,}, {added // layers:,} per layer)",
-        "- Preserved: the source's function at step 0 (equal logits, identical greedy generation)"
+        "- Built to compute the source's function at step 0 while the new parameters learn (see Verification)"
         if preserve
         else "- The converted model needs training before use: the new attention maps start untrained.",
         "",
         "The model code (`configuration_diff.py`, `modeling_diff.py`) travels with the weights, so only torch and "
-        "transformers are needed. That code runs on your machine: pin the commit you reviewed.",
+        "transformers are needed. That code runs on your machine: pin the commit you reviewed. The tokenizer is a "
+        "standard one and loads without it.",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -345,10 +399,41 @@ def model_card(
         "tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)",
         "model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, trust_remote_code=True)",
         "```",
+        "",
+        "## Verification",
+        "",
     ]
+    if report is None:
+        lines.append("Not verified when it was converted (`--no-verify`).")
+    else:
+        same = "identical to" if report["same_generation"] else "different from"
+        lines.append(
+            f"Reloaded after conversion and compared with the source in float32 on {report['tokens']} tokens of "
+            f"Python standard-library code: largest logit difference {report['max_logit_difference']:.1e}, "
+            f"perplexity {report['perplexity_source']:.3f} (source) and {report['perplexity_converted']:.3f} "
+            f"(converted); the greedy continuation of `{report['prompt'].strip()}` ({report['new_tokens']} tokens) "
+            f"is {same} the source's."
+        )
     if notes:
         lines += ["", "Notes:", *[f"- {note}" for note in notes]]
     return "\n".join(lines) + "\n"
+
+
+def _yaml_line(key: str, value: str) -> list[str]:
+    """`key: value` for the card's front matter, quoted where needed; dropped unless it reads back as `value`.
+
+    The values come from the source (a Hub card, a GGUF file's free text), so they may hold anything YAML gives
+    meaning to: `: `, `#`, newlines, a leading `---`.
+    """
+    candidates = ([f"{key}: {value}"] if SAFE_YAML.fullmatch(value) else []) + [f"{key}: {json.dumps(value)}"]
+    for line in candidates:
+        try:
+            if yaml.safe_load(line) == {key: value}:
+                return [line]
+        except yaml.YAMLError:
+            pass
+    logger.warning(f"the source's {key} {value!r} is left out of the model card's metadata: it is not plain text")
+    return []
 
 
 def verification_lines(report: dict, *, preserve: bool) -> list[str]:
@@ -357,9 +442,30 @@ def verification_lines(report: dict, *, preserve: bool) -> list[str]:
         f"perplexity on {report['tokens']} tokens of Python stdlib code: source {report['perplexity_source']:.3f}, "
         f"converted {report['perplexity_converted']:.3f}",
         f"largest logit difference: {report['max_logit_difference']:.2e}",
-        f"greedy generation, source:    {report['generation_source']!r}",
-        f"greedy generation, converted: {report['generation_converted']!r}",
+        f"greedy generation of {report['new_tokens']} tokens after the prompt {report['prompt']!r}:",
+        f"  source:    {report['generation_source']!r}",
+        f"  converted: {report['generation_converted']!r}",
     ]
     if preserve:
         lines.append(f"identical generation: {report['same_generation']}")
     return lines
+
+
+def verification_warnings(report: dict, *, strategy: str, preserve: bool) -> list[str]:
+    """What a user must know about the result: a model far from its source, a preserving one that is not."""
+    ratio = report["perplexity_converted"] / report["perplexity_source"]
+    warnings = []
+    if ratio > PERPLEXITY_WARNING_RATIO:
+        why = (
+            "strategy 'paired' cannot preserve the source's function"
+            if not can_preserve(strategy)
+            else "--no-preserve starts the new attention maps from the paper's initialisation, not from the source"
+        )
+        warnings.append(
+            f"the converted model's perplexity is {ratio:.1f}x the source's ({report['perplexity_converted']:.1f} "
+            f"against {report['perplexity_source']:.1f}): {why}, so it must be trained before use"
+            + (". Convert without --no-preserve for a model that works at once." if can_preserve(strategy) else ".")
+        )
+    if preserve and not report["same_generation"]:
+        warnings.append("the converted model's greedy generation differs from the source's (see above)")
+    return warnings

@@ -1,4 +1,4 @@
-"""The one exception conversion raises for problems a user can fix."""
+"""The exceptions conversion raises: problems a user can fix, and interruptions that say what was written."""
 
 
 class ConversionError(Exception):
@@ -6,4 +6,11 @@ class ConversionError(Exception):
 
     Raised before anything is written where possible; raised later, the temporary folder is removed first, so a
     failed conversion never leaves a partial output behind.
+    """
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, from the command line) during a conversion; the message says what is on disk.
+
+    A `KeyboardInterrupt`, so code that stops on Ctrl-C keeps doing so.
     """

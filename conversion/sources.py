@@ -4,12 +4,14 @@ Safetensors sources are read tensor by tensor from each shard (nothing else of t
 dequantised whole by transformers, which is fine for the small models GGUF files on a laptop hold.
 """
 
+import contextlib
 import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from transformers import (
     AutoConfig,
@@ -17,6 +19,8 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
 )
+
+from transformers.utils import logging
 
 from .errors import ConversionError
 
@@ -127,41 +131,70 @@ def _damaged(path: Path, error: Exception) -> ConversionError:
 
 @dataclass
 class Source:
-    """A resolved source checkpoint: its config, its tensors by shard, and how to load model and tokenizer."""
+    """A resolved source checkpoint: its config, its tensors by shard, and how to load model and tokenizer.
 
-    name: str  # as the user gave it, for the model card
+    Everything is loaded with `trust_remote_code=False`: a checkpoint's own code (an `auto_map` in its config or
+    tokenizer config) is never run, and never asked about; the installed transformers classes are used, and
+    `notes` says what was refused.
+    """
+
+    name: str  # as the user gave it
     folder: Path
     gguf_file: str | None = None
     hub_id: str | None = None
     config: object = None
     shard_files: list[Path] = field(default_factory=list)
+    progress: bool = True
+    notes: list[str] = field(default_factory=list)  # for the log and the model card
+    _dequantised: object = None  # a GGUF source's model, dequantised once for the conversion and the verification
 
     @property
     def loading_kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        kwargs = {"trust_remote_code": False}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        return kwargs
+
+    @property
+    def path(self) -> Path:
+        """The source on disk: its folder, or its file for a GGUF source."""
+        return self.folder / self.gguf_file if self.gguf_file else self.folder
+
+    @property
+    def title(self) -> str:
+        """How a reader elsewhere can find the source: its Hub id where known, else its folder's or file's name."""
+        if self.hub_id:
+            return self.hub_id
+        if self.gguf_file == DEFAULT_GGUF:
+            return f"{DEFAULT_BASE_MODEL} ({DEFAULT_GGUF})"
+        return self.path.name
 
     def shards(self):
         """The shards in checkpoint order; a GGUF file is dequantised (by transformers) into one."""
         if self.gguf_file:
-            model = self.load_model(torch.float32)
-            tensors = dict(model.state_dict())
-            del model
-            return [StateDictShard(self.gguf_file, tensors)]
+            return [StateDictShard(self.gguf_file, dict(self.load_model(torch.float32).state_dict()))]
         return [SafetensorsShard(path) for path in self.shard_files]
 
+    def release(self) -> None:
+        """Drop the dequantised GGUF model once nothing needs it."""
+        self._dequantised = None
+
     def card_metadata(self) -> dict[str, str]:
-        """The Hub metadata the source states: `base_model` (its Hub id) and `license`, where known."""
+        """The Hub metadata the source states: `base_model` (its Hub id) and `license`, where known, as strings."""
         metadata = {}
         if self.hub_id:
             metadata["base_model"] = self.hub_id
         readme = self.folder / "README.md"
-        if readme.is_file():  # a Hub model card: YAML front matter between two `---` lines
+        if not self.gguf_file and readme.is_file():  # a Hub model card: YAML front matter between `---` lines
             text = readme.read_text(errors="replace")
             if text.startswith("---"):
-                for line in text.split("---", 2)[1].splitlines():
-                    key, _, value = line.partition(":")
-                    if key.strip() in ("license", "base_model") and value.strip() and key.strip() not in metadata:
-                        metadata[key.strip()] = value.strip()
+                try:
+                    front_matter = yaml.safe_load(text.split("---", 2)[1])
+                except yaml.YAMLError:
+                    front_matter = None
+                for key, value in (front_matter if isinstance(front_matter, dict) else {}).items():
+                    if key in ("license", "base_model") and isinstance(value, str) and value.strip():
+                        metadata.setdefault(key, value.strip())
         if self.gguf_file:
             from gguf import GGUFReader
 
@@ -173,11 +206,18 @@ class Source:
         return metadata
 
     def load_model(self, dtype: torch.dtype = torch.float32):
-        return AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype, **self.loading_kwargs)
+        if self.gguf_file and dtype == torch.float32 and self._dequantised is not None:
+            return self._dequantised
+        with progress_bars(self.progress):
+            model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype, **self.loading_kwargs)
+        if self.gguf_file and dtype == torch.float32:
+            self._dequantised = model
+        return model
 
     def tokenizer(self):
         try:
-            return AutoTokenizer.from_pretrained(self.folder, **self.loading_kwargs)
+            with progress_bars(self.progress):
+                return AutoTokenizer.from_pretrained(self.folder, **self.loading_kwargs)
         except (OSError, ValueError) as error:
             raise ConversionError(
                 f"cannot load the tokenizer of {self.name} ({error}): the converted model would be unusable; put the "
@@ -190,17 +230,42 @@ class Source:
         return GenerationConfig.from_model_config(self.config)
 
 
-def resolve(source: str | Path | None) -> Source:
+def is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"
+
+
+def looks_like_source(argument: str) -> bool:
+    """Whether a lone command-line path names a checkpoint (a model folder, a .gguf file, a cached Hub id)."""
+    path = Path(argument).expanduser()
+    if path.is_dir():
+        return (path / "config.json").is_file()
+    if is_gguf(path):
+        return path.is_file()
+    if path.exists() or argument.count("/") != 1 or argument.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id=argument, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError):
+        return False
+    return True
+
+
+def resolve(source: str | Path | None, *, progress: bool = True) -> Source:
     """Find the checkpoint `source` names and read its config; nothing is loaded yet."""
     if source is None:
         source = default_source()
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         if not path.is_file():
             raise ConversionError(f"GGUF file {path} does not exist.")
-        return _with_config(Source(name=str(source), folder=path.parent, gguf_file=path.name))
+        folder = path.parent.absolute()
+        return _with_config(Source(name=str(source), folder=folder, gguf_file=path.name, progress=progress))
     if path.is_dir():
-        return _with_config(Source(name=str(source), folder=path, shard_files=_shard_files(path)))
+        folder = path.absolute()
+        return _with_config(Source(name=str(source), folder=folder, shard_files=_shard_files(folder), progress=progress))
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise ConversionError(
             f"source {source} is not a model folder, a .gguf file or a Hub id (owner/name): check the path."
@@ -215,14 +280,29 @@ def resolve(source: str | Path | None) -> Source:
             f"{source} is not in the local Hugging Face cache and conversion works offline: download it first with "
             f"`hf download {source}`, or pass a local folder."
         ) from error
-    return _with_config(Source(name=str(source), folder=folder, hub_id=str(source), shard_files=_shard_files(folder)))
+    return _with_config(
+        Source(name=str(source), folder=folder, hub_id=str(source), shard_files=_shard_files(folder), progress=progress)
+    )
 
 
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = list(dict.fromkeys(weight_map.values()))  # checkpoint order, each file once
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))  # checkpoint order, each file once
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ConversionError(
+                f"{index} is not a valid safetensors index (a JSON object with a 'weight_map' of tensor names to "
+                f"file names): {error}; re-download it."
+            ) from error
+        for name in names:
+            # Judged by the name, not by where it resolves: a Hub snapshot's files are links into the cache's blobs.
+            if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ConversionError(
+                    f"{index} points tensor files outside the checkpoint folder ({name!r}): a checkpoint reads only "
+                    "files next to its index; the index is damaged or crafted, re-download it."
+                )
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
             raise ConversionError(f"{folder}: shard {missing[0]} listed in the index is missing; re-download it.")
@@ -238,7 +318,62 @@ def _shard_files(folder: Path) -> list[Path]:
 
 def _with_config(source: Source) -> Source:
     try:
-        source.config = AutoConfig.from_pretrained(source.folder, **source.loading_kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        raise ConversionError(f"cannot read the config of {source.name}: {error}") from error
+        with progress_bars(source.progress):
+            source.config = AutoConfig.from_pretrained(source.folder, **source.loading_kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConversionError(f"cannot read the config of {source.name}: {' '.join(str(error).split())}") from error
+    refused = _custom_code(source)
+    if refused:
+        source.notes.append(
+            f"the source names its own code ({'; '.join(refused)}); it was not run: the installed transformers "
+            "classes read the checkpoint"
+        )
+    if source.gguf_file:
+        quantisation = _gguf_quantisation(source.path)
+        source.notes.append(
+            f"the source is the GGUF file {source.gguf_file} ({quantisation}), dequantised to float32: the converted "
+            "weights are the quantised values, not the original model's"
+        )
     return source
+
+
+def _custom_code(source: Source) -> list[str]:
+    """The `auto_map` entries of the source's config and tokenizer config, as "file: Auto class -> code"."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        path = source.folder / name
+        try:
+            auto_map = json.loads(path.read_text()).get("auto_map") if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(auto_map, dict):
+            found += [f"{name}: {key} -> {value}" for key, value in auto_map.items()]
+    return found
+
+
+def _gguf_quantisation(path: Path) -> str:
+    """The GGUF file's quantisation as its header states it (e.g. Q4_1), or "quantisation not stated"."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field_ = GGUFReader(path).fields.get("general.file_type")
+    if field_ is None:
+        return "quantisation not stated"
+    try:
+        return LlamaFileType(int(field_.contents())).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file type {field_.contents()}"
+
+
+@contextlib.contextmanager
+def progress_bars(shown: bool):
+    """transformers' own progress bars (GGUF dequantisation, weight loading) only when progress is wanted."""
+    if shown:
+        yield
+        return
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()

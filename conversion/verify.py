@@ -7,6 +7,8 @@ import textwrap
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .sources import progress_bars
+
 # Python standard-library code neither model was tuned on here: a fixed, offline, held-out sample.
 SAMPLE_MODULE = textwrap
 PROMPT = "def fibonacci(n):\n    "
@@ -36,21 +38,26 @@ def score(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> dict:
     }
 
 
-def verify(*, source, output, max_tokens: int = 256, new_tokens: int = 24) -> dict:
+def verify(*, source, output, max_tokens: int = 256, new_tokens: int = 24, progress: bool = True) -> dict:
     """Reload the converted model from `output` and compare it with `source` (a `sources.Source`), in fp32.
 
-    The models are loaded one after the other, so peak memory is one model plus one set of logits.
+    The models are loaded one after the other, so peak memory is one model plus one set of logits; a GGUF
+    source's model is the one the conversion already dequantised.
     """
     tokenizer = AutoTokenizer.from_pretrained(output)
     ids = code_sample(tokenizer, max_tokens)
     model = source.load_model(torch.float32)
     before = score(model, tokenizer, ids, new_tokens)
     del model
-    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    source.release()
+    with progress_bars(progress):
+        model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
     after = score(model, tokenizer, ids, new_tokens)
     del model
     return {
         "tokens": ids.shape[1],
+        "prompt": PROMPT,
+        "new_tokens": new_tokens,
         "parameters_source": before["parameters"],
         "parameters_converted": after["parameters"],
         "perplexity_source": before["perplexity"],

@@ -139,6 +139,11 @@ class SourceHeads:
         return cls(config.hidden_size, heads, kv_heads, head_dim)
 
 
+def can_preserve(strategy: str) -> bool:
+    """Whether a strategy can start as exactly its source's function (`preserve`): all but `paired`."""
+    return strategy != "paired"
+
+
 def check_strategy(config, *, strategy: str, preserve: bool) -> None:
     """Refuse a strategy the source cannot take, with the fix."""
     if strategy not in STRATEGIES:

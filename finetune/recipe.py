@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +19,9 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
+
+from configuration_diff import AUTO_MAP
+from conversion.output import Manifest, files_under, inside
 
 # Registers `diff_llama` with the Auto classes, so our checkpoints load without trust_remote_code.
 import modeling_diff  # noqa: F401
@@ -29,6 +35,10 @@ MODES = ("lora", "full")
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
 MERGED_DIR = "merged"
+# How `finetune` recognises its own earlier output: a run's checkpoints count as its own as they are written.
+RUN_MANIFEST = Manifest("finetune_run.json", "diffllama finetune", also_ours=(f"{CHECKPOINTS_DIR}/",))
+# The files a Trainer checkpoint must hold to continue a run where it stopped (trainer_state.json included).
+RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 def prepare_model(
@@ -46,7 +56,9 @@ def prepare_model(
     if mode == "full":
         return model
     config = lora_config(model, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, second_maps=second_maps)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT still reads the attribute transformers 5 renamed to is_activation_...
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def count_parameters(model) -> dict[str, int]:
@@ -55,7 +67,7 @@ def count_parameters(model) -> dict[str, int]:
 
 
 @torch.no_grad()
-def held_out_loss(model, blocks: PackedBlocks, *, batch_size: int = 8) -> float:
+def held_out_loss(model, blocks: PackedBlocks, *, batch_size: int = 8, progress: bool = False) -> float:
     """Mean next-token loss over every predicted token of the held-out blocks (exp of it is the perplexity).
 
     Summed per batch and divided once, so a smaller last batch weighs by its tokens, not as a whole batch.
@@ -64,7 +76,8 @@ def held_out_loss(model, blocks: PackedBlocks, *, batch_size: int = 8) -> float:
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
+    starts = range(0, len(blocks), batch_size)
+    for start in logging.tqdm(starts, desc="Scoring held-out blocks", unit="batch", disable=not progress):
         input_ids = blocks.blocks[start : start + batch_size].to(device)
         loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
         predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)  # the first token of a block is never predicted
@@ -79,16 +92,120 @@ def _loss_curve(log_history: list[dict]) -> list[dict]:
 
 
 def _resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
+    """The checkpoint to continue from, refused unless it holds the state that makes it a continuation."""
     if not resume:
         return None
     if resume is not True:
         if not Path(resume).is_dir():
             raise FileNotFoundError(f"checkpoint {resume} does not exist")
-        return str(resume)
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if last is None:
-        raise FileNotFoundError(f"nothing to resume: no checkpoint-* folder in {checkpoints}")
+        last = str(resume)
+    else:
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if last is None:
+            raise FileNotFoundError(f"nothing to resume: no checkpoint-* folder in {checkpoints}")
+    missing = [name for name in RESUME_FILES if not (Path(last) / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {last} lacks {', '.join(missing)}: resuming would silently restart the optimizer or the "
+            "learning-rate schedule; resume from a complete checkpoint, or start a new run"
+        )
+    state = Path(last) / "trainer_state.json"
+    try:
+        json.loads(state.read_text())["global_step"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{state} is damaged ({type(error).__name__}: {error}): resume from an earlier checkpoint or start a new run"
+        ) from error
     return last
+
+
+def resolve_model(model: str | Path) -> str:
+    """An absolute folder path, or a Hub id already in the local cache (downloaded when online), for `model`.
+
+    An adapter records its base model by this name, so the path must resolve from any working folder; and a name
+    that is neither a folder nor a known Hub id is refused at once, not after the Hub client's retries.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    text = str(model)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
+    if looks_like_hub_id:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            snapshot_download(repo_id=text, local_files_only=True)
+            return text
+        except LocalEntryNotFoundError:
+            if not _hub_offline():
+                return text  # transformers downloads it
+        except ValueError:
+            pass
+    raise FileNotFoundError(
+        f"model folder {model} does not exist" + (" and is not a Hub id in the local cache" if looks_like_hub_id else "")
+        + ": pass the folder a conversion wrote (e.g. out/SmolLM2-135M-Instruct-v2) or a downloaded model"
+    )
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_output(output: Path, *, model: str, resume: bool | str, overwrite: bool) -> bool:
+    """Refuse an output that would overwrite the model, the current folder or files `finetune` did not write.
+
+    An earlier run's output is continued with `resume`, or replaced with `overwrite` (its files only, by
+    `clear_earlier_run` once the new run has loaded its model and data); returns whether it is to be replaced.
+    Nothing is changed here, so every process of a multi-process run can check first.
+    """
+    real = output.resolve()
+    if Path(model).is_dir():
+        model_folder = Path(model).resolve()
+        for relation, holds in (("is", real == model_folder), ("lies inside", inside(real, model_folder)),
+                                ("contains", inside(model_folder, real))):
+            if holds:
+                raise ValueError(
+                    f"output {output} {relation} the model folder {model}: the run would write over the model it "
+                    "trains; choose a separate folder, e.g. runs/NAME"
+                )
+    if inside(Path.cwd().resolve(), real):
+        raise ValueError(f"output {output} is the current folder or one above it: choose a new folder, e.g. runs/NAME")
+    if not real.is_dir() or not any(real.iterdir()):
+        return False
+    foreign = RUN_MANIFEST.foreign_files(real)
+    if foreign is None or foreign:
+        names = [p.relative_to(real).as_posix() for p in sorted(real.iterdir())] if foreign is None else foreign
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(
+            f"output {output} holds files finetune did not write ({listed}): choose a new or empty folder; "
+            "nothing was changed"
+        )
+    if resume:
+        return False
+    if not overwrite:
+        raise ValueError(
+            f"output {output} holds an earlier run: pass --resume to continue it or --overwrite to replace it"
+        )
+    return True
+
+
+def clear_earlier_run(output: Path) -> None:
+    """Delete what an earlier run wrote into `output` (the files its manifest lists and its checkpoints)."""
+    manifest = RUN_MANIFEST.read(output) or {}
+    for name in manifest.get("files", []):
+        (output / name).unlink(missing_ok=True)
+    shutil.rmtree(output / CHECKPOINTS_DIR, ignore_errors=True)
+    for folder in sorted((p for p in output.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()  # the folders its files were in (merged/), once emptied
+    (output / RUN_MANIFEST.name).unlink(missing_ok=True)
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name.replace('_', '-')} ({value}) must be at least 1")
 
 
 def finetune(
@@ -106,7 +223,7 @@ def finetune(
     weight_decay: float = 0.0,
     eval_fraction: float = 0.05,
     max_train_tokens: int | None = None,
-    max_eval_tokens: int | None = 100_000,
+    eval_tokens: int = 20_480,
     lora_r: int = 16,
     lora_alpha: int | None = None,
     lora_dropout: float = 0.05,
@@ -116,6 +233,7 @@ def finetune(
     save_steps: int = 100,
     log_every: int | None = None,
     resume: bool | str = False,
+    overwrite: bool = False,
     merge: bool = False,
     seed: int = 0,
     attn_implementation: str | None = None,
@@ -125,8 +243,9 @@ def finetune(
     """Fine-tune a causal LM on code and write the model (or adapter), its tokenizer and `metrics.json` to `output`.
 
     Args:
-        model: folder (or Hub id) of a DiffLlama or Llama checkpoint with its tokenizer.
-        output: folder for the result; checkpoints go to `output/checkpoints`.
+        model: folder (or Hub id in the local cache) of a DiffLlama or Llama checkpoint with its tokenizer.
+        output: folder for the result, new or empty (or an earlier run's, with resume or overwrite); checkpoints
+            go to `output/checkpoints`.
         data: folder of .py files; default: this Python's standard library.
         mode: "lora" (adapter from finetune.lora.lora_config, λ and head-norm gains trained in full) or "full".
         steps: optimizer steps.
@@ -138,7 +257,7 @@ def finetune(
         weight_decay: AdamW weight decay.
         eval_fraction: share of the files held out for perplexity, chosen by a hash of each path.
         max_train_tokens: training-token budget read from the files; default: what the steps consume, one epoch.
-        max_eval_tokens: held-out token budget.
+        eval_tokens: held-out tokens scored before and after training (default 20,480, 40 blocks of 512).
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha; default 2·rank.
         lora_dropout: LoRA dropout.
@@ -148,6 +267,7 @@ def finetune(
         save_steps: checkpoint every this many steps (the last two are kept).
         log_every: log the training loss every this many steps; default steps/100, at least 1.
         resume: True to continue from the last checkpoint in output/checkpoints, or a checkpoint folder.
+        overwrite: replace an earlier run's output in `output` (only the files that run wrote).
         merge: LoRA only: also write the merged plain model to output/merged.
         seed: seed for LoRA initialisation, data order and dropout.
         attn_implementation: "eager", "sdpa" or "flash_attention_2"; default: the model's.
@@ -157,21 +277,31 @@ def finetune(
     Returns the metrics written to `output/metrics.json`.
     """
     started = time.perf_counter()
-    output = Path(output)
+    phases = {}  # seconds per phase, logged as each ends and kept in the metrics
+
+    def phase_done(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[name] = round(now - since, 2)
+        logger.info(f"{name.replace('_', ' ')}: {phases[name]:.1f} s")
+        return now
+
+    output = Path(output).expanduser().absolute()
     data = default_data_dir() if data is None else Path(data)
-    if steps < 1:
-        raise ValueError(f"steps ({steps}) must be at least 1")
+    _check_positive(
+        steps=steps, block_size=block_size, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+        eval_tokens=eval_tokens, max_train_tokens=max_train_tokens, lora_r=lora_r, save_steps=save_steps,
+        log_every=log_every,
+    )
+    if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning-rate ({learning_rate}) must be a positive number, e.g. 2e-4")
     if merge and mode != "lora":
         raise ValueError("merge applies to LoRA training only; full fine-tuning already writes a plain model")
-    if Path(model).is_absolute() or str(model).startswith("."):
-        if not Path(model).is_dir():  # said plainly, before the Hub client rejects it as a malformed repo id
-            raise FileNotFoundError(f"model folder {model} does not exist")
+    model = resolve_model(model)
+    replacing = check_output(output, model=model, resume=resume, overwrite=overwrite)
     checkpoints = output / CHECKPOINTS_DIR
     resume_from = _resume_checkpoint(resume, checkpoints)
-    if not resume and checkpoints.is_dir() and get_last_checkpoint(str(checkpoints)) is not None:
-        # Their step numbers would interleave with this run's, and a later --resume could pick one of them.
-        logger.warning(f"{checkpoints} holds checkpoints of an earlier run; pass resume=True to continue it")
 
+    since = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     # safetensors only: a pickled checkpoint is refused rather than unpickled
     load_kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "use_safetensors": True}
@@ -191,6 +321,7 @@ def finetune(
     )
     parameters = count_parameters(trained)
     logger.info(f"{mode} fine-tuning of {model}: {parameters['trainable']:,} of {parameters['total']:,} parameters")
+    since = phase_done("loading_the_model", since)
 
     tokens_per_step = batch_size * gradient_accumulation_steps * block_size
     corpus = build_corpus(
@@ -199,8 +330,9 @@ def finetune(
         block_size=block_size,
         eval_fraction=eval_fraction,
         max_train_tokens=steps * tokens_per_step if max_train_tokens is None else max_train_tokens,
-        max_eval_tokens=max_eval_tokens,
+        max_eval_tokens=eval_tokens,
     )
+    since = phase_done("reading_the_data", since)
 
     args = TrainingArguments(
         **{
@@ -232,22 +364,35 @@ def finetune(
         data_collator=default_data_collator,
         processing_class=tokenizer,
     )
+    main_process = trainer.is_world_process_zero()
+    facts = {"model": model, "mode": mode, "data": str(data), "steps": steps, "block_size": block_size, "seed": seed}
+    if main_process:
+        if replacing:
+            clear_earlier_run(output)
+        output.mkdir(parents=True, exist_ok=True)
+        RUN_MANIFEST.write(output, facts, files=[])  # from here on the folder is this run's, checkpoints included
 
     # Measured on the model as loaded (a resumed run too), so "before" always means the starting checkpoint.
-    loss_before = held_out_loss(trained, corpus.held_out, batch_size=batch_size)
+    progress = logging.is_progress_bar_enabled() and not args.disable_tqdm
+    loss_before = held_out_loss(trained, corpus.held_out, batch_size=batch_size, progress=progress)
     logger.info(f"held-out perplexity before training: {math.exp(loss_before):.3f}")
+    since = phase_done("scoring_before", since)
     train_output = trainer.train(resume_from_checkpoint=resume_from)
-    loss_after = held_out_loss(trained, corpus.held_out, batch_size=batch_size)
+    since = phase_done("training", since)
+    loss_after = held_out_loss(trained, corpus.held_out, batch_size=batch_size, progress=progress)
     logger.info(f"held-out perplexity after {trainer.state.global_step} steps: {math.exp(loss_after):.3f}")
+    since = phase_done("scoring_after", since)
 
     # Through the Trainer: it gathers FSDP-sharded weights first, and only the main process writes. A LoRA PeftModel
     # writes its adapter, a full model its weights and config; the tokenizer is the Trainer's processing_class.
     trainer.save_model(str(output))
-    main_process = trainer.is_world_process_zero()
     if merge and main_process:
         merged = trained.merge_and_unload()
+        _drop_foreign_code(merged.config)
         merged.save_pretrained(output / MERGED_DIR)
         tokenizer.save_pretrained(output / MERGED_DIR)
+        logger.info(f"wrote the merged model (adapter folded into the weights) to {output / MERGED_DIR}")
+    since = phase_done("saving", since)
 
     metrics = {
         "model": str(model),
@@ -266,9 +411,24 @@ def finetune(
         "held_out_perplexity_after": math.exp(loss_after),
         "train_loss": train_output.training_loss,
         "loss_curve": _loss_curve(trainer.state.log_history),
+        "phase_seconds": phases,
         "runtime_s": time.perf_counter() - started,
     }
     if main_process:
         (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        written = [name for name in files_under(output) if not name.startswith(f"{CHECKPOINTS_DIR}/")]
+        RUN_MANIFEST.write(output, facts, files=written)
         logger.info(f"wrote {output / METRICS_FILE}")
     return metrics
+
+
+def _drop_foreign_code(config) -> None:
+    """Give the merged model's config our own `auto_map` (a DiffLlama) or none (a Llama).
+
+    An input's foreign entries must not carry over: `trust_remote_code=True` on the merged model would run code
+    this project did not write.
+    """
+    if config.model_type == modeling_diff.DiffLlamaConfig.model_type:
+        config.auto_map = dict(AUTO_MAP)
+    elif getattr(config, "auto_map", None):
+        delattr(config, "auto_map")

@@ -30,6 +30,7 @@ from transformers import (
 import modeling_diff
 from conversion import ConversionError, WeightMap, convert
 from conversion.__main__ import main
+from conversion.output import MANIFEST_NAME
 from conversion.weight_map import target_shapes
 
 VOCAB = 100
@@ -129,7 +130,9 @@ def expected_parameters(source_model, strategy: str, preserve: bool) -> int:
 @pytest.mark.parametrize("strategy", ["widened", "paired", "v2"])
 def test_converts_and_loads_with_auto_classes(source, strategy, tmp_path):
     _, folder, source_model = source
-    out = convert(source=folder, output=tmp_path / "out", strategy=strategy, verify=False, progress=False)
+    out = convert(
+        source=folder, output=tmp_path / "out", strategy=strategy, preserve=False, verify=False, progress=False
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model) is modeling_diff.DiffLlamaForCausalLM
     config, source_config = model.config, source_model.config
@@ -250,8 +253,11 @@ def test_output_folder_contents(tmp_path):
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "</s>")
     card = (out / "README.md").read_text()
-    for fact in (str(tmp_path / "source"), "widened", "preserve `True`", "LlamaForCausalLM"):
+    for fact in ("# DiffLlama converted from source\n", "widened", "preserve `True`", "LlamaForCausalLM"):
         assert fact in card
+    assert str(tmp_path) not in card  # a local path means nothing to a reader of a pushed model
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) == {p.relative_to(out).as_posix() for p in out.rglob("*")} - {MANIFEST_NAME}
     assert leftovers(out) == ["out"]
 
 
@@ -318,14 +324,13 @@ def test_corrupted_shard(tmp_path):
 def test_existing_output_is_refused_and_kept(tmp_path):
     folder = tmp_path / "source"
     make_source(folder, "llama")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep")
-    with pytest.raises(ConversionError, match="--overwrite"):
-        convert(source=folder, output=out, verify=False)
-    assert [p.name for p in out.iterdir()] == ["mine.txt"]
-    convert(source=folder, output=out, overwrite=True, verify=False, progress=False)
-    assert not (out / "mine.txt").exists() and (out / "config.json").is_file()
+    out = convert(source=folder, output=tmp_path / "out", verify=False, progress=False)
+    first = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ConversionError, match="an earlier conversion.*--overwrite"):
+        convert(source=folder, output=out, strategy="widened", verify=False)
+    assert (out / "model.safetensors").read_bytes() == first
+    convert(source=folder, output=out, strategy="widened", overwrite=True, verify=False, progress=False)
+    assert json.loads((out / "config.json").read_text())["diff_version"] == 1
     assert leftovers(out) == ["out"]
 
 

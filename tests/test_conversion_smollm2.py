@@ -50,7 +50,9 @@ def test_preserve_matches_the_source(smollm2, reference, strategy, tmp_path, mon
     with torch.no_grad():
         difference = (model(input_ids=ids).logits - logits).abs().max().item()
         converted = model.generate(**prompt, max_new_tokens=16, do_sample=False)
-    assert difference < 1e-4
+    # fp32 over 30 layers: the converted model's attention runs other kernels (chunked, 2h query maps) than the
+    # source's, so the logits agree to rounding, relative to their size, not bit for bit.
+    assert difference < 1e-5 * logits.abs().max().item()
     assert converted.tolist() == generated.tolist()
 
     # The parts of a usable checkpoint: chat template and special tokens from the GGUF, tied embeddings.

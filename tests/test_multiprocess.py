@@ -185,7 +185,7 @@ def launch(config: Path, model: Path, data: Path, output: Path, records: Path) -
     command += [__file__, "--full", "--model", str(model), "--data", str(data), "--output", str(output)]
     command += ["--steps", str(STEPS), "--save-steps", str(SAVE_STEPS), "--log-every", "1", "--seed", "0"]
     command += ["--block-size", str(BLOCK_SIZE), "--batch-size", str(BATCH_SIZE), "--learning-rate", "3e-3"]
-    command += ["--eval-fraction", str(EVAL_FRACTION), "--max-eval-tokens", str(MAX_EVAL_TOKENS)]
+    command += ["--eval-fraction", str(EVAL_FRACTION), "--eval-tokens", str(MAX_EVAL_TOKENS)]
     # Own session, so that a timeout kills the launcher and both ranks, not the launcher alone.
     process = subprocess.Popen(
         command,
@@ -281,7 +281,7 @@ def test_two_processes_train_save_and_reload(strategy, runs, v1_checkpoint, data
         block_size=BLOCK_SIZE,
         eval_fraction=EVAL_FRACTION,
         max_train_tokens=BLOCK_SIZE,
-        max_eval_tokens=MAX_EVAL_TOKENS,
+        eval_tokens=MAX_EVAL_TOKENS,
     )
     assert held_out_loss(reloaded, corpus.held_out, batch_size=BATCH_SIZE) == pytest.approx(
         metrics["held_out_loss_after"], rel=1e-5

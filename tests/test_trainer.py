@@ -122,7 +122,7 @@ def train(checkpoint, output, data_dir, **overrides):
         batch_size=8,
         learning_rate=3e-3,
         eval_fraction=0.3,
-        max_eval_tokens=4096,
+        eval_tokens=4096,
         log_every=1,
         training_args=QUIET,
     )
@@ -226,7 +226,7 @@ def test_gradient_checkpointing_same_gradients(version, mode):
 def test_command_line(v2_checkpoint, data_dir, tmp_path, capsys):
     args = ["--lora", "--model", str(v2_checkpoint), "--data", str(data_dir), "--output", str(tmp_path)]
     args += ["--steps", "2", "--block-size", "32", "--batch-size", "2", "--eval-fraction", "0.3"]
-    args += ["--max-eval-tokens", "256", "--lora-r", "2"]
+    args += ["--eval-tokens", "256", "--lora-r", "2"]
     assert main(args) == 0
     metrics = json.loads((tmp_path / METRICS_FILE).read_text())
     assert metrics["mode"] == "lora" and metrics["steps"] == 2 and metrics["block_size"] == 32

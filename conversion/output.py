@@ -1,0 +1,199 @@
+"""The output folder: which folders a conversion may write or replace, and a replacement that cannot lose data.
+
+A conversion writes into a temporary folder beside OUTPUT and moves it into place when complete. Replacing an
+existing OUTPUT (`overwrite`) is allowed only for a folder this tool wrote itself, recognised by its manifest
+(`MANIFEST_NAME`, which lists every file the conversion wrote), holding nothing else; never for the source, a folder
+that contains or lies inside the source, or the current folder or one above it. The replacement is a swap of two
+renames; whatever interrupts it, the old output is restored or the new one is in place, in this process or, after
+a kill, at the start of the next conversion into the same folder.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers.utils import logging
+
+from .errors import ConversionError
+
+logger = logging.get_logger(__name__)
+
+MANIFEST_NAME = "diffllama_conversion.json"
+WRITTEN_BY = "diffllama conversion"
+TEMP_MARK = ".converting-"
+REPLACED_MARK = ".replaced-"
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies below it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def check_output(output: Path, *, source: Path, overwrite: bool) -> None:
+    """Refuse an OUTPUT that would destroy or pollute something: every check runs before anything is written.
+
+    `output` and `source` are absolute; `source` is the source's folder, or its file for a GGUF source.
+    """
+    real_output, real_source = output.resolve(), source.resolve()
+    if real_output.exists() and not real_output.is_dir():
+        raise ConversionError(f"output {output} is a file, not a folder: choose a folder path (it is created).")
+    if real_output == real_source:
+        raise ConversionError(f"output {output} is the source itself: choose another folder for the converted model.")
+    if inside(real_source, real_output):
+        raise ConversionError(
+            f"output {output} contains the source {source}: replacing it would delete the source; choose a folder "
+            "outside it."
+        )
+    if real_source.is_dir() and inside(real_output, real_source):
+        raise ConversionError(
+            f"output {output} lies inside the source folder {source}: keep the source as it was and choose a "
+            "folder outside it."
+        )
+    if inside(Path.cwd().resolve(), real_output):
+        raise ConversionError(
+            f"output {output} is the current folder or one above it: choose a new folder for the converted model, "
+            "e.g. out/MODEL-NAME."
+        )
+    if not real_output.is_dir() or not any(real_output.iterdir()):
+        return  # nothing there, or an empty folder: nothing to lose
+    foreign = foreign_files(real_output)
+    if foreign is None:
+        raise ConversionError(
+            f"output {output} already exists and was not written by this tool (it has no {MANIFEST_NAME}): choose "
+            "another folder; --overwrite only replaces an earlier conversion's output."
+        )
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConversionError(
+            f"output {output} is an earlier conversion's output but also holds files it did not write ({listed}): "
+            "move them elsewhere or choose another folder; nothing was changed."
+        )
+    if not overwrite:
+        raise ConversionError(
+            f"output {output} already exists (an earlier conversion): choose another folder or pass --overwrite "
+            "to replace it."
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A file by which a tool recognises a folder as its own output: it lists every file the tool wrote there.
+
+    `also_ours` are folder prefixes whose files the tool writes as it goes (a training run's checkpoints), so they
+    count as its own without being listed.
+    """
+
+    name: str
+    written_by: str
+    also_ours: tuple[str, ...] = ()
+
+    def read(self, folder: Path) -> dict | None:
+        try:
+            manifest = json.loads((folder / self.name).read_text())
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) and manifest.get("written_by") == self.written_by else None
+
+    def foreign_files(self, folder: Path) -> list[str] | None:
+        """Files under `folder` that the manifest does not list; `None` if `folder` has no manifest of this tool."""
+        manifest = self.read(folder)
+        if manifest is None:
+            return None
+        listed = set(manifest.get("files", [])) | {self.name}
+        return [name for name in files_under(folder) if name not in listed and not name.startswith(self.also_ours)]
+
+    def write(self, folder: Path, facts: dict, files: list[str] | None = None) -> None:
+        """Record `facts` and `files` (default: every file now in `folder`) as this tool's."""
+        files = files_under(folder) if files is None else files
+        manifest = {"written_by": self.written_by, **facts, "files": [name for name in files if name != self.name]}
+        (folder / self.name).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if not path.is_dir())
+
+
+CONVERSION = Manifest(MANIFEST_NAME, WRITTEN_BY)
+
+
+def foreign_files(folder: Path) -> list[str] | None:
+    """Files under `folder` that its conversion manifest does not list; `None` if it has no manifest of ours."""
+    return CONVERSION.foreign_files(folder)
+
+
+def write_manifest(folder: Path, facts: dict) -> None:
+    """List every file in `folder` (the finished temporary folder) as this tool's, with `facts` about the run."""
+    CONVERSION.write(folder, facts)
+
+
+def temporary_folder(output: Path) -> Path:
+    return output.parent / f".{output.name}{TEMP_MARK}{os.getpid()}"
+
+
+def _replaced_folder(output: Path, pid: int) -> Path:
+    return output.parent / f".{output.name}{REPLACED_MARK}{pid}"
+
+
+def recover(output: Path) -> None:
+    """Finish what a killed conversion into `output` left behind (only folders whose process is gone).
+
+    A half-written temporary folder is removed. An old output moved aside by an interrupted overwrite is put back
+    when no output is in place, and removed when the new output is (the swap had completed).
+    """
+    if not output.parent.is_dir():
+        return
+    for folder in sorted(output.parent.glob(f".{output.name}{REPLACED_MARK}*")):
+        if _running(folder):
+            continue
+        if output.exists():
+            logger.warning(f"removing {folder}, the old output that an interrupted overwrite had replaced")
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            logger.warning(f"restoring {output} from {folder}, moved aside by an interrupted overwrite")
+            folder.rename(output)
+    for folder in output.parent.glob(f".{output.name}{TEMP_MARK}*"):
+        if not _running(folder):
+            logger.warning(f"removing {folder}, left by an interrupted conversion")
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(folder: Path) -> bool:
+    """Whether the conversion that made `folder` (its name ends with the process id) is still running."""
+    pid = folder.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def move_into_place(temp: Path, output: Path) -> None:
+    """Rename the finished `temp` to `output`, swapping out an earlier output that `check_output` allowed.
+
+    Interrupted between the two renames (Ctrl-C, SIGTERM, an error), the old output is renamed back before the
+    exception goes on; killed there, `recover` puts it back on the next run.
+    """
+    if output.is_dir() and not any(output.iterdir()):
+        output.rmdir()
+    if not output.exists():
+        temp.rename(output)
+        return
+    if foreign_files(output) != []:  # it changed while the conversion ran
+        raise ConversionError(
+            f"output {output} appeared or changed during the conversion: nothing was replaced; choose another folder."
+        )
+    replaced = _replaced_folder(output, os.getpid())
+    output.rename(replaced)
+    try:
+        temp.rename(output)
+    except BaseException:
+        if not output.exists():
+            replaced.rename(output)
+        raise
+    shutil.rmtree(replaced, ignore_errors=True)
