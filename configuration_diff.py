@@ -8,6 +8,7 @@ import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, LlamaConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 MODEL_TYPE = "diff_llama"
 
@@ -22,6 +23,8 @@ AUTO_MAP = {
     "AutoModelForQuestionAnswering": "modeling_diff.DiffLlamaForQuestionAnswering",
 }
 
+# What the model is tested with. Any other function registered with transformers' `AttentionInterface` is accepted
+# too: the model calls it with standard shapes (queries, keys and values of equal width, 2h query heads over h_kv).
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 
@@ -116,11 +119,49 @@ class DiffLlamaConfig(LlamaConfig):
                     f"lambda_init for layer {layer_idx} is {value}; it must lie in [0, 1) because the head output "
                     "is scaled by (1 - lambda_init)."
                 )
-        if attn_implementation is not None and attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        known = ("eager", *ALL_ATTENTION_FUNCTIONS.valid_keys())  # registered ones included, at the time of the call
+        if attn_implementation is not None and attn_implementation not in known:
             raise ValueError(
                 f"attn_implementation {attn_implementation!r} is not supported by DiffLlama; use one of "
-                f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
+                f"{', '.join(ATTENTION_IMPLEMENTATIONS)}, or register your own function under that name first with "
+                "transformers.AttentionInterface.register."
             )
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Refuse a tensor-parallel size that would split a KV group across processes.
+
+        Each process must hold whole KV groups: the h/h_kv differential heads that read one KV head, both maps of each,
+        and that KV head's keys and value. Contiguous row blocks of `q_proj`, `k_proj`, `v_proj` (and version 2's
+        `lambda_proj`) are exactly such groups when num_key_value_heads is divisible by the size.
+        """
+        h, h_kv = self.num_attention_heads, self.num_key_value_heads
+        if tp_size > 1 and h_kv % tp_size:
+            raise ValueError(
+                f"tensor parallelism over {tp_size} processes needs num_key_value_heads ({h_kv}) divisible by "
+                f"{tp_size}: each process holds whole KV groups (a KV head, its keys and value, and the "
+                f"{h // h_kv} differential heads that read it, both maps of each; num_attention_heads is {h}). "
+                f"Use a tensor-parallel size that divides {h_kv}, or FSDP/DDP instead."
+            )
+
+    @property
+    def cache_head_dim(self) -> int:
+        """The width of one cached key or value head: 2·head_dim in version 1 (keys [K1 | K2], values 2d wide),
+        head_dim in version 2. Every layer caches keys and values of shape (batch, num_key_value_heads, tokens,
+        cache_head_dim); a tool that sizes a KV cache from head_dim must use this instead."""
+        return 2 * self.head_dim if self.diff_version == 1 else self.head_dim
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor parallelism by KV group (see `check_tensor_parallel`): Llama's plan, whose colwise row blocks are
+        whole KV groups in this layout, plus what differential attention adds. Version 1's λ vectors and head-norm
+        gain are replicated, their gradients summed over the processes (each process's heads contribute a share);
+        version 2's `lambda_proj` is sharded with its heads (its output rows are per head)."""
+        attention = {"layers.*.self_attn.lambda_proj": "colwise"}
+        if self.diff_version == 1:
+            attention = {"layers.*.self_attn.lambdas": "replicated_with_grad_allreduce"}
+            if self.use_head_norm:
+                attention["layers.*.self_attn.head_norm"] = "replicated_with_grad_allreduce"
+        return {**LlamaConfig.base_model_tp_plan, **attention}
 
     def validate_architecture(self):
         """Llama's check (hidden_size divisible by heads) does not apply: head_dim is set independently here."""

@@ -24,6 +24,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
@@ -41,7 +42,6 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
-    eager_attention_forward,
 )
 
 try:
@@ -76,6 +76,43 @@ class DiffLlamaLambda(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.lambda_q1.shape[0]}, lambda_init={self.lambda_init:.4f}"
+
+
+def eager_differential_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    lambda_: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The readable reference: both softmax maps of every head, A1 − λ·A2, then one product with the value.
+
+    query (B, T, 2h, d) after rotary, map-head 2i+s being map s of head i; key (B, h_kv, S, 2d) = [K1 | K2] (version
+    1) or (B, h_kv, S, d) (version 2); value (B, h_kv, S, w); attention_mask additive, (B, 1, T, S), or None;
+    lambda\_ a scalar (version 1) or (B, T, h, 1) (version 2). Returns the output (B, T, h, w) and the differential
+    maps (B, h, T, S). The output is computed from the returned maps, so they carry its gradient (attribution,
+    `retain_grad`).
+    """
+    batch, seq_len, maps, d = query.shape
+    h_kv, length = key.shape[1], key.shape[2]
+    groups = maps // 2 // h_kv  # differential heads per KV head
+    query = query.view(batch, seq_len, h_kv, groups, 2, d).permute(0, 2, 4, 3, 1, 5)  # (B, h_kv, 2, G, T, d)
+    if module.version == 1:  # map s reads key map s of its KV head, (B, h_kv, 2, 1, S, d)
+        key = key.view(batch, h_kv, length, 2, d).permute(0, 1, 3, 2, 4).unsqueeze(3)
+    else:  # version 2: both maps read the group's one key, (B, h_kv, 1, 1, S, d)
+        key = key[:, :, None, None]
+    scores = torch.matmul(query, key.transpose(-1, -2)) * module.scaling  # (B, h_kv, 2, G, T, S)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None, None]
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=module.attention_dropout, training=module.training)
+    if module.version == 2:  # λ per token and head: (B, T, h, 1) -> (B, h_kv, G, T, 1)
+        lambda_ = lambda_.view(batch, seq_len, h_kv, groups, 1).permute(0, 2, 3, 1, 4)
+    combined = probs[:, :, 0] - lambda_ * probs[:, :, 1]  # A1 − λ·A2, (B, h_kv, G, T, S)
+    output = torch.matmul(combined, value.unsqueeze(2))  # (B, h_kv, G, T, w)
+    output = output.permute(0, 3, 1, 2, 4).reshape(batch, seq_len, h_kv * groups, -1)
+    return output, combined.reshape(batch, h_kv * groups, seq_len, length)
 
 
 class DiffLlamaAttention(nn.Module):
@@ -146,43 +183,41 @@ class DiffLlamaAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq_len, _ = hidden_states.shape
         cache = kwargs.pop("past_key_values", cache)  # the argument's name before transformers 5.x renamed it
-        d, h, h_kv = self.head_dim, self.num_heads, self.num_key_value_heads
+        d = self.head_dim
 
-        # Rotary embeddings act on every d-wide map: queries (B, T, 2h, d), keys (B, T, 2h_kv or h_kv, d)
-        query = self.q_proj(hidden_states).view(batch, seq_len, 2 * h, d)
+        # Rotary embeddings act on every d-wide map: queries (B, T, 2h, d), keys (B, T, 2h_kv or h_kv, d). Head counts
+        # come from the projections' widths, not the config: a tensor-parallel rank holds only its share of the heads.
+        query = self.q_proj(hidden_states).view(batch, seq_len, -1, d)
         key = self.k_proj(hidden_states).view(batch, seq_len, -1, d)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
         # Version 1: (B, h_kv, T, 2d) = [K1 | K2] of each KV head; version 2: (B, h_kv, T, d)
-        key = key.reshape(batch, seq_len, h_kv, -1).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(batch, seq_len, h_kv, -1).transpose(1, 2)  # (B, h_kv, T, 2d or d)
+        key = key.reshape(batch, seq_len, -1, self.config.cache_head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, seq_len, key.shape[1], -1).transpose(1, 2)  # (B, h_kv, T, w)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
         if self.version == 1:
-            lambda_out = lambda_maps = self.lambdas().to(query.dtype)  # one scalar for the layer
+            lambda_ = self.lambdas().to(query.dtype)  # one scalar for the layer
         else:
-            gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, h), one λ per token and head
-            lambda_out, lambda_maps = gate.unsqueeze(-1), gate.transpose(1, 2).unsqueeze(-1)
+            lambda_ = torch.sigmoid(self.lambda_proj(hidden_states)).unsqueeze(-1)  # (B, T, h, 1): per token and head
 
         maps = None
-        if self._runs_in_chunks(query, attention_mask):
-            output = self._chunked_attention(query, key, value, lambda_out)  # (B, T, h, w)
+        if self.config._attn_implementation == "eager":  # the maps combined, then one product with the value
+            output, maps = eager_differential_attention(self, query, key, value, attention_mask, lambda_)
+        elif self._runs_in_chunks(query, attention_mask):
+            output = self._chunked_attention(query, key, value, lambda_)  # (B, T, h, w)
         else:
-            output, maps = self._kernel_attention(query, key, value, attention_mask, **kwargs)
-            output = output.view(batch, seq_len, h, 2, -1)  # the two maps of each head side by side
-            output = torch.addcmul(output[..., 0, :], lambda_out, output[..., 1, :], value=-1)  # A1 V − λ·A2 V
+            output = self._kernel_attention(query, key, value, attention_mask, **kwargs)
+            output = output.view(batch, seq_len, -1, 2, value.shape[-1])  # the two maps of each head side by side
+            output = torch.addcmul(output[..., 0, :], lambda_, output[..., 1, :], value=-1)  # A1 V − λ·A2 V
         if self.version == 1 and self.head_norm is not None:
             output = self.head_norm(output).mul_(1.0 - self.lambda_init)
         output = self.o_proj(output.reshape(batch, seq_len, -1))
-
-        if maps is not None:  # eager: (B, 2h, T, S) -> the differential map A1 − λ·A2, (B, h, T, S)
-            maps = maps.view(batch, h, 2, seq_len, -1)
-            maps = maps[:, :, 0] - lambda_maps.to(maps.dtype) * maps[:, :, 1]
         return output, maps
 
-    def _kernel_attention(self, query, key, value, attention_mask, **kwargs):
-        """Both maps of every head in one call of the configured attention function: (B, T, 2h, w) and the maps."""
+    def _kernel_attention(self, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
+        """Both maps of every head in one call of the configured attention function: (B, T, 2h, w)."""
         if self.version == 1:
             query = self._select_key_maps(query)  # (B, T, 2h, 2d)
         dropout = self.attention_dropout if self.training else 0.0
@@ -191,15 +226,16 @@ class DiffLlamaAttention(nn.Module):
         if seq_len == 1 and self.config._attn_implementation == "sdpa" and shared_mask:
             # One new token: the query maps of each KV group become that group's query rows, (B, h_kv, 2h/h_kv, w).
             # transformers would run SDPA with enable_gqa here, about 3× (fp32) to 10× (bf16) slower on CPU.
-            rows = query.view(batch, self.num_key_value_heads, -1, width)
+            rows = query.view(batch, key.shape[1], -1, width)
             output = nn.functional.scaled_dot_product_attention(
                 rows, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling
             )
-            return output.view(batch, 1, maps, width), None
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        return attend(
+            return output.view(batch, 1, maps, width)
+        attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        output, _ = attend(
             self, query.transpose(1, 2), key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
         )
+        return output
 
     def _runs_in_chunks(self, query, attention_mask) -> bool:
         """Whether `_chunked_attention` computes this call: CPU SDPA inference over a causal mask, not compiled."""
@@ -228,9 +264,9 @@ class DiffLlamaAttention(nn.Module):
         this is 1.5–2.4× faster than the one-kernel path and 0.7–1.2× a Llama's attention
         (`benchmarks/attention_paths.py`).
         """
-        batch, seq_len, _, d = query.shape
-        h_kv, length = self.num_key_value_heads, key.shape[2]  # a static cache's length, not T
-        groups = self.num_heads // h_kv  # differential heads per KV head
+        batch, seq_len, maps, d = query.shape
+        h_kv, length = key.shape[1], key.shape[2]  # a static cache's length, not T
+        groups = maps // 2 // h_kv  # differential heads per KV head
         # Queries (B·h_kv·key maps, T·maps per key map, d) against keys (B·h_kv·key maps, d, S): one batched
         # product per chunk. Version 1: map s of each head reads key map s of its KV head (two key maps); version 2:
         # both maps of every head of a group read the group's one key.
@@ -274,12 +310,12 @@ class DiffLlamaAttention(nn.Module):
             torch.addcmul(first, weights, second, value=-1, out=maps)  # A1 − λ·A2
             mixed = torch.matmul(maps.view(batch, h_kv, -1, seen), value[:, :, :seen])
             output[:, start:stop] = mixed.view(batch, h_kv, rows, groups, -1).transpose(1, 2)
-        return output.view(batch, seq_len, self.num_heads, -1)
+        return output.view(batch, seq_len, h_kv * groups, -1)
 
     def _select_key_maps(self, query: torch.Tensor) -> torch.Tensor:
         """(B, T, 2h, d) -> (B, T, 2h, 2d): map s of each head padded with zeros where the other key map sits."""
         d = self.head_dim
-        query = query.unflatten(2, (self.num_heads, 2))  # (B, T, h, 2, d)
+        query = query.unflatten(2, (-1, 2))  # (B, T, h, 2, d)
         first = nn.functional.pad(query[..., 0, :], (0, d))  # [Q1 | 0]
         second = nn.functional.pad(query[..., 1, :], (d, 0))  # [0 | Q2]
         return torch.stack((first, second), dim=3).flatten(2, 3)
@@ -306,7 +342,8 @@ class DiffLlamaPreTrainedModel(LlamaPreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False  # not tested with the padded queries and the λ combination
-    _supports_attention_backend = False  # only the implementations in configuration_diff.ATTENTION_IMPLEMENTATIONS
+    # Functions registered with AttentionInterface get standard shapes: 2h query maps over h_kv KV heads, equal widths
+    _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": DiffLlamaDecoderLayer, "attentions": DiffLlamaAttention}
 
@@ -323,6 +360,13 @@ class DiffLlamaPreTrainedModel(LlamaPreTrainedModel):
             return super().save_pretrained(*args, **kwargs)
         finally:
             self.__class__ = wrapped
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # Before anything is sharded or loaded: a tensor-parallel size that splits a KV group cannot work.
+        if distributed_config is not None and mesh_manager is not None:
+            model.config.check_tensor_parallel(distributed_config.tp_size)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -348,7 +392,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel, LlamaModel):
         self.post_init()
 
 
-class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel, LlamaForCausalLM):
+class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     """Llama's causal-LM head (its `forward`, tied embeddings and generation) on a `DiffLlamaModel`."""
 
     def __init__(self, config: DiffLlamaConfig):
@@ -357,6 +401,24 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel, LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _get_static_cache_init_shape(self):
+        # generate() builds a static cache ahead of the first call (chunked prefill) from head_dim; version 1 caches
+        # keys and values 2·head_dim wide, as `config.cache_head_dim` says.
+        shape = super()._get_static_cache_init_shape()
+        return None if shape is None else (shape[0], self.config.cache_head_dim)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        # The paged cache of continuous batching (generate_batch, transformers serve) takes its width from head_dim,
+        # with no way to be told otherwise; version 1 would fail inside the batching thread on its first request.
+        if self.config.diff_version == 1:
+            raise ValueError(
+                "continuous batching (generate_batch, init_continuous_batching) sizes its paged KV cache from head_dim "
+                f"({self.config.head_dim}), but version 1 caches keys and values {self.config.cache_head_dim} wide "
+                "(config.cache_head_dim: [K1 | K2] and the 2·head_dim value). Use generate(), with any cache class, or "
+                "a version-2 model."
+            )
+        return super().init_continuous_batching(*args, **kwargs)
 
 
 class DiffLlamaForSequenceClassification(GenericForSequenceClassification, DiffLlamaPreTrainedModel): ...
@@ -383,6 +445,7 @@ for _auto_class, _model_class in AUTO_CLASSES.items():
 
 __all__ = [
     "DiffLlamaLambda",
+    "eager_differential_attention",
     "DiffLlamaAttention",
     "DiffLlamaDecoderLayer",
     "DiffLlamaPreTrainedModel",
