@@ -1,319 +1,380 @@
-"""From scratch at small scale: a Llama against parameter-matched differential attention, on Python code.
+"""From scratch on Python code: a Llama against differential attention at equal parameters, two sizes, each model at
+its own best learning rate, five seeds.
 
-Three decoders with the same hidden size, layers, MLP, data order, steps, learning-rate schedule and seeds:
+The models (`lab.KINDS`) share hidden size, layers, MLP, tied embedding, data order, steps and schedule; each
+differential model is compared with the Llama of its own parameter count:
 
-- `llama`: H heads of width d = hidden / H;
-- `diff-v1`: the paper's parameter matching, H/2 differential heads of map width d (so `q_proj`, `k_proj`,
-  `v_proj`, `o_proj` have the Llama's shapes; 6·d extra parameters a layer for λ and the head-norm gain);
-- `diff-v2`: the 2026 revision, H heads of width d over the Llama's keys and values; it adds a second query map
-  and `lambda_proj` (hidden·H·d + hidden·H a layer), which the table counts.
+- `diff-v1` (the paper's matching: H/2 differential heads, the Llama's projection shapes) against `llama`;
+- `diff-v2` (H heads with a second query map and `lambda_proj`) against `llama-wide`, a Llama whose heads are 5/4
+  as wide, which gives it version 2's attention parameters (within hidden·H a layer, 0.5% of the model);
+  against `llama` too, to show what the extra parameters were worth before.
 
-Each is trained on packed blocks of standard-library code and scored on held-out files (`finetune.data` splits by
-file, so no part of a held-out file is ever trained on).
+Protocol, per size and model: seed 0 at every learning rate of `--lrs`; the lowest held-out loss picks the rate;
+the other seeds run at it. Every model gets the same sweep, and a rate chosen on seed 0 is kept for its seeds.
 
-Tokenizer: a 4,096-token byte-level BPE trained here on the training files only (held-out files never reach it).
-SmolLM2's 49,152-token vocabulary would make the embedding several times the size of these decoders and its output
-softmax most of the compute (measured at hidden 256, 6 layers: 3 to 6× slower a step than with 4,096 tokens), so
-the budget would go to the embedding rather than to the attention being compared.
+The lead about initialisation (`--ablations`, at `--ablation-sizes`): with N(0, 0.02) weights the per-head norm
+makes version 1's attention outputs several times the embedding's RMS at step 0, where a Llama's are below it.
 
-    python benchmarks/scratch.py           # the committed results (under an hour on 2 cores)
-    python benchmarks/scratch.py --quick   # a smoke run: tiny models, a few steps, one seed
+- `diff-v1-gain`: version 1 whose head-norm gains start scaled, layer by layer, so that the attention output's RMS
+  on the first batch equals the Llama's of the same seed (the rest of the initialisation is `diff-v1`'s own);
+- `diff-v1-nonorm`: version 1 without the head norm (and its `1 − λ_init` scale) throughout.
 
-Writes `results.json`, `results.md` and `loss_curves.png` to `--out` (default `benchmarks/results/scratch`).
+Every run records that ratio at step 0 (`init_scale`). Held-out perplexity: whole files never trained on (the
+`finetune.data` split); intermediate evaluations use the first `--eval-subset` blocks, the final one all of them.
+
+    python benchmarks/scratch.py --jobs 2            # the committed results (about 1.5 hours on 2 cores)
+    python benchmarks/scratch.py --quick             # a smoke run: tiny models, a few steps
+    python benchmarks/scratch.py --device cuda --sizes 256x8x16 512x12x16 --steps 2000 --eval-every 500
+
+Runs are written to `results.json` as they finish and skipped when the command runs again (resume); the report,
+`results.md`, `loss_curves.png`, `lr_sweep.png` and `trend.png`, is rewritten after every run. Checkpoints of
+every run go to `cache/` (not committed), for `probes.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the model files and packages live at the repository root
-
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    get_cosine_schedule_with_warmup,
-)
 
-import modeling_diff
-from configuration_diff import DiffLlamaConfig
-from finetune.data import (
-    PackedBlocks,
-    default_data_dir,
-    python_files,
-    split_files,
-    tokenize_files,
-)
+import lab
 
-MODELS = ("llama", "diff-v1", "diff-v2")
-EOS = "<|endoftext|>"
+OUT = lab.ROOT / "benchmarks" / "results" / "scratch"
+MODELS = ("llama", "llama-wide", "diff-v1", "diff-v2")
+ABLATIONS = ("diff-v1-gain", "diff-v1-nonorm")
+# (model, its reference): the comparisons every table and the trend report, lower loss is better.
+COMPARISONS = (("diff-v1", "llama"), ("diff-v2", "llama-wide"), ("diff-v2", "llama"), ("llama-wide", "llama"),
+               ("diff-v1-gain", "llama"), ("diff-v1-gain", "diff-v1"), ("diff-v1-nonorm", "llama"),
+               ("diff-v1-nonorm", "diff-v1"))
 
 
-def train_tokenizer(files: list[Path], vocab_size: int, max_chars: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (no unknown tokens: any byte sequence encodes) from the first `max_chars` of `files`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    def texts():
-        budget = max_chars
-        for path in files:
-            text = path.read_text(encoding="utf-8", errors="replace")[:budget]
-            budget -= len(text)
-            yield text
-            if budget <= 0:
-                return
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(texts(), trainer=trainer)
-    # model_max_length: whole files are tokenised before packing; the length warning would be noise.
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, model_max_length=10**9)
+def run_key(size: str, kind: str, lr: float, seed: int) -> str:
+    return f"{size}/{kind}/lr{lr:g}/seed{seed}"
 
 
-def model_configs(*, vocab_size: int, hidden: int, layers: int, heads: int, block_size: int) -> dict:
-    if heads % 2:
-        raise ValueError(f"heads ({heads}) must be even: version 1 uses heads / 2 differential heads")
-    d = hidden // heads
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=(hidden * 8 // 3 + 31) // 32 * 32,
-                  num_hidden_layers=layers, max_position_embeddings=block_size, tie_word_embeddings=True,
-                  head_dim=d, bos_token_id=None, eos_token_id=0, pad_token_id=None)
-    return {
-        "llama": LlamaConfig(num_attention_heads=heads, num_key_value_heads=heads, **common),
-        "diff-v1": DiffLlamaConfig(diff_version=1, num_attention_heads=heads // 2, num_key_value_heads=heads // 2,
-                                   **common),
-        "diff-v2": DiffLlamaConfig(diff_version=2, num_attention_heads=heads, num_key_value_heads=heads, **common),
-    }
+# --- one run (also in a worker process) ------------------------------------------------------------------------
+
+_CORPUS: dict = {}
 
 
-def build_model(config):
-    kind = modeling_diff.DiffLlamaForCausalLM if isinstance(config, DiffLlamaConfig) else LlamaForCausalLM
-    return kind._from_config(config, attn_implementation="sdpa")
-
-
-def count(model) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())  # tied: the embedding is counted once
-    embedding = model.get_input_embeddings().weight.numel()
-    return {"total": total, "non_embedding": total - embedding}
+def load_corpus(path: str) -> dict:
+    if path not in _CORPUS:
+        _CORPUS[path] = torch.load(path, weights_only=True)
+    return _CORPUS[path]
 
 
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean loss over every predicted held-out token (all blocks are full, so a mean of batch means is exact
-    only with equal batches: weight each by its size)."""
-    model.eval()
-    total = 0.0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
-    model.train()
-    return total / len(blocks)
+def attention_scale(model, batch: torch.Tensor) -> dict:
+    """Each layer's attention output RMS (after `o_proj`) over the embedding's RMS, on `batch`."""
+    outputs = []
+    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
+             for layer in model.model.layers]
+    try:
+        model(input_ids=batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    embedding = model.get_input_embeddings()(batch).pow(2).mean().sqrt().item()
+    attention = [output.pow(2).mean().sqrt().item() for output in outputs]
+    return {"embedding_rms": embedding, "attention_rms": attention, "ratio": [a / embedding for a in attention]}
 
 
-def train_one(config, seed: int, train: PackedBlocks, held_out: torch.Tensor, args) -> dict:
-    torch.manual_seed(seed)
-    model = build_model(config)
-    model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices; norms, λ vectors and biases are not decayed
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
-    schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
-    # The data order depends on the seed alone, so every model type sees the same blocks in the same order.
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    train_curve, eval_curve = [], [(0, evaluate(model, held_out, args.batch_size))]
-    started = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        index = order[((step - 1) * args.batch_size + torch.arange(args.batch_size)) % len(train)]
-        batch = train.blocks[index]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_curve.append(loss.item())
-        if step % args.eval_every == 0 or step == args.steps:
-            eval_curve.append((step, evaluate(model, held_out, args.batch_size)))
-    seconds = time.perf_counter() - started
-    final = eval_curve[-1][1]
-    return {
-        "seed": seed,
-        "held_out_loss": final,
-        "held_out_perplexity": math.exp(final),
-        "train_loss_curve": train_curve,
-        "held_out_loss_curve": eval_curve,
-        "seconds": seconds,
-        "train_tokens_per_s": args.steps * args.batch_size * train.blocks.shape[1] / seconds,
-        "parameters": count(model),
-    }
+def build(task: dict, config_for, batch: torch.Tensor):
+    """The task's model at its initialisation; `diff-v1-gain` rescales the head-norm gains against a Llama."""
+    kind, device = task["kind"], task["device"]
+    torch.manual_seed(task["seed"])
+    model = lab.build_model(config_for("diff-v1" if kind == "diff-v1-gain" else kind), device=device)
+    extra = {}
+    if kind == "diff-v1-gain":
+        torch.manual_seed(task["seed"])
+        llama = lab.build_model(config_for("llama"), device=device)
+        target, gains = attention_scale(llama, batch)["attention_rms"], []
+        # Layer by layer: a layer's output is linear in its gain (o_proj has no bias), and its input depends only
+        # on the layers below, which are already rescaled.
+        for index, layer in enumerate(model.model.layers):
+            gains.append(target[index] / attention_scale(model, batch)["attention_rms"][index])
+            with torch.no_grad():
+                layer.self_attn.head_norm.weight.mul_(gains[-1])
+        extra = {"head_norm_gains": gains}
+        del llama
+    return model, extra
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def run(task: dict) -> dict:
+    corpus = load_corpus(task["corpus"])
+    shape = lab.Shape.parse(task["size"])
+
+    def config_for(kind):
+        return lab.model_config(kind, shape, vocab_size=corpus["vocab_size"], max_positions=task["block_size"])
+
+    batches = lab.lm_batches(corpus["train"], batch_size=task["batch_size"], seed=task["seed"])
+    first = batches(1)["input_ids"].to(task["device"])
+    model, extra = build(task, config_for, first)
+    init_scale = attention_scale(model, first)
+    held_out, subset = corpus["held_out"], corpus["held_out"][: task["eval_subset"]]
+    eval_steps = [step for step in range(task["eval_every"], task["steps"], task["eval_every"])]
+    record = lab.train(model, batches, steps=task["steps"], lr=task["lr"], warmup=task["warmup"],
+                       evaluate=lambda m: lab.lm_losses(m, subset).mean().item(), eval_steps=eval_steps)
+    final = lab.lm_losses(model, held_out)
+    record["eval_curve"].append((task["steps"], final[: task["eval_subset"]].mean().item()))
+    if task.get("checkpoint"):
+        lab.save_checkpoint(model, Path(task["checkpoint"]), kind=task["kind"], size=task["size"], lr=task["lr"],
+                            seed=task["seed"])
+    loss = final.mean().item()
+    print(f"[scratch] {task['size']} {task['kind']} lr {task['lr']:g} seed {task['seed']}: held-out perplexity "
+          f"{math.exp(loss):.2f} ({record['seconds']:.0f} s)", flush=True)
+    return {**{key: task[key] for key in ("size", "kind", "lr", "seed")}, "held_out_loss": loss,
+            "held_out_perplexity": math.exp(loss), "parameters": lab.count(model), "init_scale": init_scale,
+            **extra, **record}
 
 
-def summarise(results: dict) -> None:
-    llama_ppl = {run["seed"]: run["held_out_perplexity"] for run in results["runs"]["llama"]}
-    for name, runs in results["runs"].items():
-        ppl = [run["held_out_perplexity"] for run in runs]
-        summary = {
-            "parameters": runs[0]["parameters"],
-            "held_out_perplexity_mean": mean_std(ppl)[0],
-            "held_out_perplexity_std": mean_std(ppl)[1],
-            "held_out_loss_mean": statistics.fmean(run["held_out_loss"] for run in runs),
-            # Paired by seed (same data order), which removes most of the seed-to-seed variation.
-            "wins_vs_llama": sum(run["held_out_perplexity"] < llama_ppl[run["seed"]] for run in runs),
-            "train_tokens_per_s_mean": statistics.fmean(run["train_tokens_per_s"] for run in runs),
-        }
-        results.setdefault("summary", {})[name] = summary
+# --- the plan --------------------------------------------------------------------------------------------------
 
 
-def write_outputs(results: dict, out: Path) -> None:
-    import matplotlib
+def best_lr(runs: dict, size: str, kind: str, lrs: list[float], seed: int) -> float | None:
+    """The learning rate of the lowest seed-`seed` held-out loss, once every rate of the sweep has run."""
+    losses = {lr: runs.get(run_key(size, kind, lr, seed), {}).get("held_out_loss") for lr in lrs}
+    if any(loss is None for loss in losses.values()):
+        return None
+    return min(losses, key=losses.get)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+def grid(settings: dict) -> list[tuple[str, list[str]]]:
+    """(size, kinds) in the order they run: every size's main models, the ablations at their sizes."""
+    return [(size, settings["models"] + [kind for kind in settings["ablations"]
+                                          if size in settings["ablation_sizes"]]) for size in settings["sizes"]]
 
-    s = results["settings"]
-    llama = results["summary"]["llama"]
+
+def planner(settings: dict, results: lab.Results, base_task: dict, cache: Path):
+    def task(size, kind, lr, seed):
+        key = run_key(size, kind, lr, seed)
+        checkpoint = cache / "checkpoints" / (key.replace("/", "_") + ".pt")
+        return key, {**base_task, "size": size, "kind": kind, "lr": lr, "seed": seed, "checkpoint": str(checkpoint)}
+
+    def plan():
+        # A size's sweep first, then its seeds for every model whose sweep is complete, then the next size: an
+        # interrupted run holds whole sizes.
+        pending = []
+        first, others = settings["seeds"][0], settings["seeds"][1:]
+        for size, kinds in grid(settings):
+            pending += [task(size, kind, lr, first) for kind in kinds for lr in settings["lrs"]]
+            for kind in kinds:
+                lr = best_lr(results.runs, size, kind, settings["lrs"], first)
+                if lr is not None:
+                    pending += [task(size, kind, lr, seed) for seed in others]
+        return [(key, job) for key, job in pending if key not in results]
+
+    return plan
+
+
+# --- the report ------------------------------------------------------------------------------------------------
+
+
+def summarise(settings: dict, runs: dict) -> dict:
+    """Per size and model: the sweep, the chosen rate, the final losses by seed; then the paired comparisons."""
+    summary = {}
+    for size, kinds in grid(settings):
+        models = {}
+        for kind in kinds:
+            sweep = {lr: runs[key]["held_out_loss"] for lr in settings["lrs"]
+                     if (key := run_key(size, kind, lr, settings["seeds"][0])) in runs}
+            lr = best_lr(runs, size, kind, settings["lrs"], settings["seeds"][0])
+            if lr is None:
+                models[kind] = {"sweep": sweep}
+                continue
+            by_seed = {seed: runs[key]["held_out_loss"] for seed in settings["seeds"]
+                       if (key := run_key(size, kind, lr, seed)) in runs}
+            first = runs[run_key(size, kind, lr, settings["seeds"][0])]
+            perplexities = [math.exp(loss) for loss in by_seed.values()]
+            models[kind] = {
+                "sweep": sweep, "best_lr": lr, "best_lr_at_edge": lr in (min(settings["lrs"]), max(settings["lrs"])),
+                "loss_by_seed": by_seed, "perplexity_mean": lab.mean_std(perplexities)[0],
+                "perplexity_std": lab.mean_std(perplexities)[1], "loss_mean": statistics.fmean(by_seed.values()),
+                "parameters": first["parameters"], "layout": lab.layout("diff-v1" if kind == "diff-v1-gain" else kind,
+                                                                        lab.Shape.parse(size)),
+                "init_attention_ratio": first["init_scale"]["ratio"],
+                "train_tokens_per_s": statistics.fmean(
+                    runs[run_key(size, kind, lr, seed)]["train_tokens_per_s"] for seed in by_seed),
+            }
+        comparisons = {}
+        for model, reference in COMPARISONS:
+            if "loss_by_seed" in models.get(model, {}) and "loss_by_seed" in models.get(reference, {}):
+                comparisons[f"{model} vs {reference}"] = lab.paired(models[model]["loss_by_seed"],
+                                                                    models[reference]["loss_by_seed"])
+        summary[size] = {"models": models, "comparisons": comparisons}
+    return summary
+
+
+def write_report(results: lab.Results, out: Path) -> None:
+    settings, summary = results.data["settings"], summarise(results.data["settings"], results.runs)
+    results.put("summary", summary)
+    s = settings
     lines = [
-        (
-            f"From scratch on Python standard-library code: hidden {s['hidden']}, {s['layers']} layers, "
-            f"{s['steps']} steps of {s['batch_size']}×{s['block_size']} tokens ({s['train_tokens']:,} tokens), "
-            f"cosine LR {s['lr']} with {s['warmup']} warm-up steps, seeds {', '.join(map(str, s['seeds']))}; "
-            f"held-out perplexity on {s['held_out_tokens']:,} tokens from {s['held_out_files']} files never trained on "
-            f"({s['vocab_size']}-token BPE)."
-        ),
-        "",
-        (
-            "| model | heads × map width | non-embedding parameters | vs Llama | held-out perplexity (mean ± std) "
-            "| seeds better than Llama | train tokens/s |"
-        ),
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"From scratch on Python standard-library code: {s['steps']} steps of {s['batch_size']}×{s['block_size']} "
+        f"tokens ({s['steps'] * s['batch_size'] * s['block_size']:,} tokens), AdamW, cosine schedule with "
+        f"{s['warmup']} warm-up steps; learning rates {', '.join(f'{lr:g}' for lr in s['lrs'])} swept on seed "
+        f"{s['seeds'][0]}, then seeds {', '.join(map(str, s['seeds'][1:]))} at each model's best; held-out "
+        f"perplexity on {results.data['corpus']['held_out_tokens']:,} tokens of "
+        f"{results.data['corpus']['held_out_files']} files never trained on "
+        f"({results.data['corpus']['vocab_size']}-token BPE).", "",
     ]
-    for name, summary in results["summary"].items():
-        layout = results["layouts"][name]
-        extra = summary["parameters"]["non_embedding"] - llama["parameters"]["non_embedding"]
-        wins = "–" if name == "llama" else f"{summary['wins_vs_llama']}/{len(s['seeds'])}"
-        lines.append(
-            f"| {name} | {layout} | {summary['parameters']['non_embedding']:,} | {extra:+,} | "
-            f"{summary['held_out_perplexity_mean']:.3f} ± {summary['held_out_perplexity_std']:.3f} | {wins} | "
-            f"{summary['train_tokens_per_s_mean']:,.0f} |"
-        )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    for size, part in summary.items():
+        models = part["models"]
+        lines += [f"## {size} (hidden × layers × Llama heads)", "", "Learning-rate sweep, held-out perplexity of seed "
+                  f"{s['seeds'][0]}:", ""]
+        lines.append(lab.markdown_table(
+            ["model"] + [f"lr {lr:g}" for lr in s["lrs"]],
+            [[kind] + [f"{math.exp(m['sweep'][lr]):.2f}" if lr in m["sweep"] else "–" for lr in s["lrs"]]
+             for kind, m in models.items()]))
+        lines += ["", "At each model's best rate:", ""]
+        rows = []
+        for kind, m in models.items():
+            if "loss_by_seed" not in m:
+                continue
+            edge = " (edge)" if m["best_lr_at_edge"] else ""
+            rows.append([kind, m["layout"], f"{m['parameters']['non_embedding']:,}", f"{m['best_lr']:g}{edge}",
+                         len(m["loss_by_seed"]), f"{m['perplexity_mean']:.2f} ± {m['perplexity_std']:.2f}",
+                         " ".join(f"{r:.1f}" for r in m["init_attention_ratio"]),
+                         f"{m['train_tokens_per_s']:,.0f}"])
+        lines.append(lab.markdown_table(
+            ["model", "heads × map width", "non-embedding parameters", "best lr", "seeds",
+             "held-out perplexity (mean ± std)", "attention/embedding RMS at step 0, by layer", "train tokens/s"],
+            rows))
+        lines += ["", "Paired by seed (same data order), held-out loss difference (nats; negative: the first is better):",
+                  ""]
+        lines.append(lab.markdown_table(
+            ["comparison", "Δ loss (mean ± 95% CI)", "seeds better"],
+            [[name, f"{c['mean_difference']:+.4f} ± {c['ci95']:.4f}", f"{c['wins']}/{c['n']}"]
+             for name, c in part["comparisons"].items()]))
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    plot(results, summary, out)
 
-    figure, (train_axis, eval_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    window = max(1, s["steps"] // 20)
-    for name, runs in results["runs"].items():
-        # Mean over seeds, then a trailing moving average: single-batch losses are too noisy to compare by eye.
-        mean_curve = [statistics.fmean(values) for values in zip(*(run["train_loss_curve"] for run in runs))]
-        smooth = [statistics.fmean(mean_curve[max(0, i - window + 1) : i + 1]) for i in range(len(mean_curve))]
-        line, = train_axis.plot(range(1, len(smooth) + 1), smooth, label=name)
-        steps = [step for step, _ in runs[0]["held_out_loss_curve"]]
-        per_seed = [[loss for _, loss in run["held_out_loss_curve"]] for run in runs]
-        means = [statistics.fmean(values) for values in zip(*per_seed)]
-        low = [min(values) for values in zip(*per_seed)]
-        high = [max(values) for values in zip(*per_seed)]
-        eval_axis.plot(steps, means, marker="o", color=line.get_color(), label=name)
-        eval_axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
-    train_axis.set(xlabel="step", ylabel=f"training loss (mean of seeds, {window}-step average)")
-    eval_axis.set(xlabel="step", ylabel="held-out loss (mean, band: min–max of seeds)")
-    for axis in (train_axis, eval_axis):
-        axis.set_ylim(top=min(axis.get_ylim()[1], 8.5))  # the first steps sit near ln(vocab) and hide the rest
-        axis.legend()
-    figure.suptitle("Llama vs differential attention from scratch on Python code")
+
+def plot(results: lab.Results, summary: dict, out: Path) -> None:
+    plt = lab.pyplot()
+    settings, runs = results.data["settings"], results.runs
+    sizes = list(summary)
+    figure, axes = plt.subplots(2, len(sizes), figsize=(6 * len(sizes), 8), squeeze=False)
+    for column, size in enumerate(sizes):
+        train_axis, eval_axis = axes[0][column], axes[1][column]
+        for kind, m in summary[size]["models"].items():
+            if "loss_by_seed" not in m:
+                continue
+            chosen = [runs[run_key(size, kind, m["best_lr"], seed)] for seed in m["loss_by_seed"]]
+            mean_curve = [statistics.fmean(values) for values in zip(*(r["train_loss_curve"] for r in chosen))]
+            line, = train_axis.plot(lab.smooth(mean_curve, max(1, settings["steps"] // 20)), label=kind)
+            steps = [step for step, _ in chosen[0]["eval_curve"]]
+            per_seed = [[loss for _, loss in r["eval_curve"]] for r in chosen]
+            eval_axis.plot(steps, [statistics.fmean(v) for v in zip(*per_seed)], marker="o", color=line.get_color(),
+                           label=f"{kind} (lr {m['best_lr']:g})")
+            eval_axis.fill_between(steps, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
+                                   color=line.get_color(), alpha=0.15)
+        train_axis.set(title=size, xlabel="step", ylabel="training loss (mean of seeds, moving average)")
+        eval_axis.set(xlabel="step", ylabel=f"held-out loss, first {settings['eval_subset']} blocks (band: seeds)")
+        for axis in (train_axis, eval_axis):
+            axis.set_ylim(top=min(axis.get_ylim()[1], 8.5))  # the first steps sit near ln(vocab) and hide the rest
+            axis.legend(fontsize=8)
+    figure.suptitle("Llama vs differential attention from scratch on Python code, each at its best learning rate")
     figure.tight_layout()
-    figure.savefig(out / "loss_curves.png", dpi=110)
+    figure.savefig(out / "loss_curves.png", dpi=100)
     plt.close(figure)
+
+    figure, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
+    for axis, size in zip(axes[0], sizes):
+        for kind, m in summary[size]["models"].items():
+            lrs = sorted(m["sweep"])
+            axis.plot(lrs, [math.exp(m["sweep"][lr]) for lr in lrs], marker="o", label=kind)
+        axis.set(xscale="log", title=size, xlabel="peak learning rate",
+                 ylabel=f"held-out perplexity, seed {settings['seeds'][0]}")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "lr_sweep.png", dpi=100)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for name in ("diff-v1 vs llama", "diff-v2 vs llama-wide", "diff-v2 vs llama"):
+        points = [(summary[size]["models"][name.split(" vs ")[1]]["parameters"]["non_embedding"],
+                   summary[size]["comparisons"][name]) for size in sizes if name in summary[size]["comparisons"]]
+        if points:
+            axis.errorbar([p for p, _ in points], [c["mean_difference"] for _, c in points],
+                          yerr=[c["ci95"] if math.isfinite(c["ci95"]) else 0 for _, c in points], marker="o",
+                          capsize=4, label=name)
+    axis.axhline(0, color="grey", lw=0.8)
+    axis.set(xscale="log", xlabel="non-embedding parameters (reference model)",
+             ylabel="held-out loss difference (nats, paired mean, 95% CI)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "trend.png", dpi=100)
+    plt.close(figure)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--sizes", nargs="+", default=["128x4x8", "256x8x16"], help="HIDDENxLAYERSxHEADS")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--ablations", nargs="*", choices=ABLATIONS, default=list(ABLATIONS))
+    parser.add_argument("--ablation-sizes", nargs="*", default=None, help="default: the first size")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the first one sweeps")
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8, help="the Llama's heads; version 1 gets half")
+    parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-blocks", type=int, default=400,
                         help="held-out blocks of block-size tokens; fewer would come from a handful of files")
+    parser.add_argument("--eval-subset", type=int, default=100, help="blocks of the intermediate evaluations")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--tokenizer-chars", type=int, default=8_000_000, help="training text the BPE learns from")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
     parser.add_argument("--data", type=Path, default=None, help="folder of .py files; default: the standard library")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/scratch[-quick]")
-    parser.add_argument("--quick", action="store_true", help="tiny models, 6 steps, one seed: checks the pipeline")
+    lab.add_common_arguments(parser, out=OUT)
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.seeds, args.hidden, args.layers, args.heads = 6, [0], 64, 2, 4
-        args.warmup, args.eval_every, args.eval_blocks, args.vocab_size, args.tokenizer_chars = 2, 3, 4, 512, 200_000
-    out = args.out or ROOT / "benchmarks" / "results" / ("scratch-quick" if args.quick else "scratch")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if "llama" not in args.models:
-        parser.error("--models must include llama: every other model is reported against it")
+        args.sizes, args.lrs, args.seeds, args.steps, args.warmup = ["64x2x4"], [1e-3, 3e-3], [0, 1], 6, 2
+        args.eval_every, args.eval_blocks, args.eval_subset, args.vocab_size = 3, 4, 2, 512
+        args.tokenizer_chars, args.ablations = 200_000, ["diff-v1-gain"]
+    args.sizes = [str(lab.Shape.parse(size)) for size in args.sizes]
+    args.ablation_sizes = [str(lab.Shape.parse(size)) for size in (args.ablation_sizes or args.sizes[:1])]
+    if not {"llama", "llama-wide"} <= set(args.models):
+        parser.error("--models must include llama and llama-wide: the differential models are reported against them")
+    out = lab.setup(args, out=OUT)
+
+    settings = {name: getattr(args, name) for name in (
+        "sizes", "models", "ablations", "ablation_sizes", "lrs", "seeds", "steps", "warmup", "batch_size",
+        "block_size", "eval_every", "eval_blocks", "eval_subset", "vocab_size", "tokenizer_chars", "device", "quick")}
+    settings["data"] = "stdlib" if args.data is None else str(args.data)
+    results = lab.Results(out / "results.json", settings, fresh=args.fresh)
 
     started = time.perf_counter()
-    data = args.data or default_data_dir()
-    train_files, held_out_files = split_files(python_files(data), root=data, eval_fraction=0.05)
-    tokenizer = train_tokenizer(train_files, args.vocab_size, args.tokenizer_chars)
-    train_ids, train_files = tokenize_files(train_files, tokenizer,
-                                            max_tokens=args.steps * args.batch_size * args.block_size)
-    held_out_ids, held_out_files = tokenize_files(held_out_files, tokenizer,
-                                                  max_tokens=args.eval_blocks * args.block_size)
-    train, held_out = PackedBlocks(train_ids, args.block_size), PackedBlocks(held_out_ids, args.block_size)
-    print(f"[scratch] {len(train)} training blocks from {len(train_files)} files, {len(held_out)} held-out blocks "
-          f"from {len(held_out_files)} files ({time.perf_counter() - started:.0f} s)", flush=True)
+    corpus = lab.code_corpus(vocab_size=args.vocab_size, block_size=args.block_size,
+                             train_tokens=args.steps * args.batch_size * args.block_size,
+                             eval_tokens=args.eval_blocks * args.block_size, tokenizer_chars=args.tokenizer_chars,
+                             data=args.data)
+    cache = out / "cache"
+    cache.mkdir(exist_ok=True)
+    corpus_file = cache / "corpus.pt"
+    torch.save({"train": corpus.train, "held_out": corpus.held_out, "vocab_size": corpus.info["vocab_size"]},
+               corpus_file)
+    results.put("corpus", corpus.info)
+    results.put("environment", lab.environment())
+    print(f"[scratch] {corpus.info} ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    configs = model_configs(vocab_size=len(tokenizer), hidden=args.hidden, layers=args.layers, heads=args.heads,
-                            block_size=args.block_size)
-    configs = {name: configs[name] for name in MODELS if name in args.models}
-    runs = {name: [] for name in configs}
-    # Seed-major order: an interrupted run still holds complete seeds for every model, and the three models of a
-    # seed run back to back under the same machine load.
-    for seed in args.seeds:
-        for name, config in configs.items():
-            run = train_one(config, seed, train, held_out.blocks, args)
-            runs[name].append(run)
-            print(f"[scratch] {name} seed {seed}: held-out perplexity {run['held_out_perplexity']:.3f} "
-                  f"({run['seconds']:.0f} s)", flush=True)
-
-    d = args.hidden // args.heads
-    results = {
-        "settings": {
-            "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "head_dim": d,
-            "steps": args.steps, "batch_size": args.batch_size, "block_size": args.block_size, "lr": args.lr,
-            "warmup": args.warmup, "seeds": args.seeds, "vocab_size": len(tokenizer),
-            "train_tokens": args.steps * args.batch_size * args.block_size, "held_out_tokens": held_out.num_tokens,
-            "train_files": len(train_files), "held_out_files": len(held_out_files),
-            "threads": torch.get_num_threads(), "quick": args.quick,
-        },
-        "layouts": {"llama": f"{args.heads} × {d}", "diff-v1": f"{args.heads // 2} × 2 maps × {d}",
-                    "diff-v2": f"{args.heads} × 2 maps × {d}"},
-        "runs": runs,
-    }
-    summarise(results)
-    results["wall_s"] = time.perf_counter() - started
-    write_outputs(results, out)
-    print(f"[scratch] wrote {out} in {results['wall_s']:.0f} s", flush=True)
+    base_task = {name: getattr(args, name) for name in (
+        "steps", "warmup", "batch_size", "block_size", "eval_every", "eval_subset", "device")}
+    base_task["corpus"] = str(corpus_file)
+    lab.execute(planner(settings, results, base_task, cache), run, results, jobs=args.jobs, threads=args.threads,
+                log=lambda line: print(f"[scratch] {line}", flush=True), after=lambda: write_report(results, out))
+    write_report(results, out)
+    print(f"[scratch] wrote {out} ({time.perf_counter() - started:.0f} s)", flush=True)
     return 0
 
 

@@ -3,6 +3,7 @@ is written from its metrics, and the committed results are complete."""
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 
@@ -21,36 +22,88 @@ def load(name: str):
 
 
 @pytest.fixture(scope="module")
-def scratch():
-    return load("scratch")
+def lab():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # the experiment scripts import lab as a sibling module
+    return importlib.import_module("lab")
 
 
-def test_scratch_models_are_parameter_matched(scratch):
-    hidden, layers, heads = 64, 3, 4
-    d = hidden // heads
-    configs = scratch.model_configs(vocab_size=100, hidden=hidden, layers=layers, heads=heads, block_size=32)
-    counts = {name: scratch.count(scratch.build_model(config)) for name, config in configs.items()}
+def test_lab_kinds_are_parameter_matched(lab):
+    shape = lab.Shape.parse("64x3x4")
+    hidden, layers, heads, d = shape.hidden, shape.layers, shape.heads, shape.head_dim
+    counts = {kind: lab.count(lab.build_model(lab.model_config(kind, shape, vocab_size=100, max_positions=32)))
+              for kind in lab.KINDS}
     llama = counts["llama"]["non_embedding"]
     # Version 1 with half the heads: the Llama's projection shapes, plus four λ vectors (d) and a norm gain (2d)
     assert counts["diff-v1"]["non_embedding"] - llama == layers * 6 * d
+    assert counts["diff-v1-nonorm"]["non_embedding"] - llama == layers * 4 * d  # λ vectors only
     # Version 2: a second query map per head and lambda_proj, hidden·H·d + hidden·H a layer
     assert counts["diff-v2"]["non_embedding"] - llama == layers * (hidden * heads * d + hidden * heads)
-    assert configs["diff-v1"].head_dim == configs["diff-v2"].head_dim == configs["llama"].head_dim == d
+    # The wide Llama: heads 5/4 as wide, version 2's attention parameters but lambda_proj
+    assert counts["diff-v2"]["non_embedding"] - counts["llama-wide"]["non_embedding"] == layers * hidden * heads
+    assert len({c["total"] - c["non_embedding"] for c in counts.values()}) == 1  # the same tied embedding
 
 
-def test_scratch_quick_run_writes_results(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "scratch.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_lab_refuses_sizes_it_cannot_build(lab):
+    with pytest.raises(ValueError, match="HIDDENxLAYERSxHEADS"):
+        lab.Shape.parse("128x4")
+    for size in ("96x2x3", "120x2x8"):  # odd heads; heads of width 15
+        with pytest.raises(ValueError, match="must be even"):
+            lab.Shape.parse(size)
+
+
+def test_lab_results_resume_and_refuse_other_settings(lab, tmp_path):
+    results = lab.Results(tmp_path / "results.json", {"steps": 5})
+    results.add("a", {"loss": 1.0})
+    reopened = lab.Results(tmp_path / "results.json", {"steps": 5})
+    assert "a" in reopened and reopened.runs["a"] == {"loss": 1.0}
+    with pytest.raises(SystemExit, match=r"other settings \(steps\).*--fresh"):
+        lab.Results(tmp_path / "results.json", {"steps": 6})
+    assert "a" not in lab.Results(tmp_path / "results.json", {"steps": 6}, fresh=True)
+
+
+def test_lab_paired_comparison(lab):
+    better = lab.paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 2.4, 2: 3.1, 3: 9.0})
+    assert better["seeds"] == [0, 1, 2] and better["wins"] == 3
+    assert better["mean_difference"] == pytest.approx(-1.0 / 3)
+    std = statistics.stdev([-0.5, -0.4, -0.1])
+    assert better["ci95"] == pytest.approx(4.303 * std / 3**0.5)  # t quantile of 2 degrees of freedom
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_scratch_quick_run_sweeps_pairs_and_resumes(tmp_path):
+    run_script("scratch", "--quick", "--out", str(tmp_path))
     data = json.loads((tmp_path / "results.json").read_text())
-    assert set(data["summary"]) == {"llama", "diff-v1", "diff-v2"}
-    for runs in data["runs"].values():
-        assert len(runs[0]["train_loss_curve"]) == data["settings"]["steps"]
-        assert runs[0]["held_out_loss_curve"][-1][0] == data["settings"]["steps"]
-    assert "diff-v2" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    s = data["settings"]
+    kinds = s["models"] + s["ablations"]
+    # The sweep on the first seed at every rate, then the other seeds at each model's best
+    assert len(data["runs"]) == len(kinds) * (len(s["lrs"]) + len(s["seeds"]) - 1)
+    summary = data["summary"][s["sizes"][0]]
+    for kind in kinds:
+        model = summary["models"][kind]
+        assert model["best_lr"] == min(s["lrs"], key=lambda lr: model["sweep"][str(lr)])
+        assert len(model["loss_by_seed"]) == len(s["seeds"])
+    run = next(iter(data["runs"].values()))
+    assert len(run["train_loss_curve"]) == s["steps"] and run["eval_curve"][-1][0] == s["steps"]
+    # The lead: version 1's attention outputs start far above the embedding's scale, the rescaled ones at the Llama's
+    ratio = {kind: summary["models"][kind]["init_attention_ratio"] for kind in kinds}
+    assert min(ratio["diff-v1"]) > 2 * max(ratio["llama"])
+    assert ratio["diff-v1-gain"] == pytest.approx(ratio["llama"], rel=1e-3)
+    assert "diff-v2 vs llama-wide" in (tmp_path / "results.md").read_text()
+    for plot in ("loss_curves.png", "lr_sweep.png", "trend.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+    # Resume: a run taken out of the file is the only one trained again
+    key = sorted(data["runs"])[-1]
+    del data["runs"][key]
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    again = run_script("scratch", "--quick", "--out", str(tmp_path))
+    assert again.stdout.count("[scratch] done ") == 1 and f"done {key}" in again.stdout
 
 
 def test_recovery_report_from_metrics(tmp_path):
