@@ -295,21 +295,23 @@ class Results:
     experiment keeps what it finished and running it again skips those runs.
 
     `settings` are the choices that change the numbers; reopening a file written under other settings is refused
-    (mixing them would be wrong), unless `fresh` starts it over.
+    (mixing them would be wrong), unless `fresh` starts it over. Settings named in `selects` only choose which runs
+    to do (sizes, seeds): they may change, and the file then records the new ones.
     """
 
-    def __init__(self, path: Path, settings: dict, *, fresh: bool = False):
+    def __init__(self, path: Path, settings: dict, *, fresh: bool = False, selects: Iterable[str] = ()):
         self.path = Path(path)
+        settings = json.loads(json.dumps(settings))  # as JSON stores it: tuples become lists, keys strings
         self.data = {"settings": settings, "runs": {}}
         if self.path.is_file() and not fresh:
             stored = json.loads(self.path.read_text())
-            if stored.get("settings") != json.loads(json.dumps(settings)):
-                changed = sorted(key for key in {*settings, *stored.get("settings", {})}
-                                 if stored["settings"].get(key) != json.loads(json.dumps(settings)).get(key))
+            changed = sorted(key for key in {*settings, *stored.get("settings", {})}
+                             if key not in selects and stored.get("settings", {}).get(key) != settings.get(key))
+            if changed:
                 raise SystemExit(f"{self.path} holds results made with other settings ({', '.join(changed)}); "
                                  "rerun with those settings to resume, pass --fresh to start over, or use another "
                                  "--out")
-            self.data = stored
+            self.data = {**stored, "settings": settings}
 
     @property
     def runs(self) -> dict:

@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         "sizes", "models", "ablations", "ablation_sizes", "lrs", "seeds", "steps", "warmup", "batch_size",
         "block_size", "eval_every", "eval_blocks", "eval_subset", "vocab_size", "tokenizer_chars", "device", "quick")}
     settings["data"] = "stdlib" if args.data is None else str(args.data)
-    results = lab.Results(out / "results.json", settings, fresh=args.fresh)
+    results = lab.Results(out / "results.json", settings, fresh=args.fresh,
+                          selects=("sizes", "models", "ablations", "ablation_sizes", "seeds"))
 
     started = time.perf_counter()
     corpus = lab.code_corpus(vocab_size=args.vocab_size, block_size=args.block_size,

@@ -60,6 +60,10 @@ def test_lab_results_resume_and_refuse_other_settings(lab, tmp_path):
     with pytest.raises(SystemExit, match=r"other settings \(steps\).*--fresh"):
         lab.Results(tmp_path / "results.json", {"steps": 6})
     assert "a" not in lab.Results(tmp_path / "results.json", {"steps": 6}, fresh=True)
+    # Settings that only select runs may change: more seeds keep the runs already made
+    lab.Results(tmp_path / "more.json", {"steps": 5, "seeds": [0]}).add("a", {"loss": 1.0})
+    grown = lab.Results(tmp_path / "more.json", {"steps": 5, "seeds": [0, 1]}, selects=("seeds",))
+    assert "a" in grown and grown.data["settings"]["seeds"] == [0, 1]
 
 
 def test_lab_paired_comparison(lab):
