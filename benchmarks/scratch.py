@@ -163,10 +163,9 @@ def planner(settings: dict, results: lab.Results, base_task: dict, cache: Path):
         first, others = settings["seeds"][0], settings["seeds"][1:]
         for size, kinds in grid(settings):
             pending += [task(size, kind, lr, first) for kind in kinds for lr in settings["lrs"]]
-            for kind in kinds:
-                lr = best_lr(results.runs, size, kind, settings["lrs"], first)
-                if lr is not None:
-                    pending += [task(size, kind, lr, seed) for seed in others]
+            chosen = {kind: best_lr(results.runs, size, kind, settings["lrs"], first) for kind in kinds}
+            # seed by seed, so that an interrupted run holds whole seeds
+            pending += [task(size, kind, lr, seed) for seed in others for kind, lr in chosen.items() if lr is not None]
         return [(key, job) for key, job in pending if key not in results]
 
     return plan
