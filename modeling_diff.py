@@ -45,14 +45,11 @@ from transformers.models.llama.modeling_llama import (
 )
 
 try:
+    from .chunked_attention import chunked_attention
     from .configuration_diff import DiffLlamaConfig
 except ImportError:  # imported as a top-level module, not from a Hub snapshot
+    from chunked_attention import chunked_attention
     from configuration_diff import DiffLlamaConfig
-
-# Query rows (tokens × query maps per key map) in one chunk of `DiffLlamaAttention._chunked_attention`, as bytes of
-# one row of queries per element: 96 rows in fp32, 192 in bf16 (the fastest measured at 512–4096 tokens on CPU).
-CHUNK_ROW_BYTES = 384
-
 
 class DiffLlamaLambda(nn.Module):
     """The learned scalar λ of one version-1 layer, `exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init`.
@@ -70,8 +67,9 @@ class DiffLlamaLambda(nn.Module):
         self.lambda_k2 = nn.Parameter(torch.zeros(head_dim))
 
     def forward(self) -> torch.Tensor:
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dtype=torch.float32))
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dtype=torch.float32))
+        dtype = torch.promote_types(self.lambda_q1.dtype, torch.float32)  # fp32 for half-precision vectors
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dtype=dtype))
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dtype=dtype))
         return lambda_1 - lambda_2 + self.lambda_init
 
     def extra_repr(self) -> str:
@@ -140,8 +138,9 @@ class DiffLlamaAttention(nn.Module):
     calls over the value's halves and 2.4–7.7× for SDPA with the wider value, `benchmarks/attention_paths.py`).
 
     With SDPA, two cases take a faster route to the same result:
-    - inference on CPU over a plain causal mask (no autograd, no padding), `_chunked_attention`: maps as matrix
+    - on CPU over a plain causal mask (no padding, no attention dropout), `chunked_attention`: maps as matrix
       products per chunk of queries, combined before the value product, 0.7–1.2× a Llama's attention kernel;
+      differentiable, its backward pass recomputes each chunk's maps instead of keeping them;
     - a single new token: each KV group's query maps become that group's query rows in one SDPA call, instead of the
       `enable_gqa` call transformers would make (about 3× faster in fp32 and 10× in bf16 on CPU, 2,048 cached).
     """
@@ -206,7 +205,7 @@ class DiffLlamaAttention(nn.Module):
         if self.config._attn_implementation == "eager":  # the maps combined, then one product with the value
             output, maps = eager_differential_attention(self, query, key, value, attention_mask, lambda_)
         elif self._runs_in_chunks(query, attention_mask):
-            output = self._chunked_attention(query, key, value, lambda_)  # (B, T, h, w)
+            output, _ = chunked_attention(self, query, key, value, attention_mask, lambda_)  # (B, T, h, w)
         else:
             output = self._kernel_attention(query, key, value, attention_mask, **kwargs)
             output = output.view(batch, seq_len, -1, 2, value.shape[-1])  # the two maps of each head side by side
@@ -238,79 +237,16 @@ class DiffLlamaAttention(nn.Module):
         return output
 
     def _runs_in_chunks(self, query, attention_mask) -> bool:
-        """Whether `_chunked_attention` computes this call: CPU SDPA inference over a causal mask, not compiled."""
+        """Whether `chunked_attention` computes this call: CPU SDPA over a causal mask, without attention dropout
+        in training, not compiled."""
         return (
             self.config._attn_implementation == "sdpa"
             and query.device.type == "cpu"
             and attention_mask is None
             and query.shape[1] > 1  # a single token is faster through the kernel
-            and not torch.is_grad_enabled()
             and not (self.training and self.attention_dropout > 0)
             and not torch.compiler.is_compiling()
         )
-
-    def _chunked_attention(self, query, key, value, lambda_) -> torch.Tensor:
-        r"""The differential attention of a causal, unpadded inference call, in query chunks of matrix products.
-
-        query (B, T, 2h, d) after rotary, T > 1; key (B, h_kv, S, 2d or d) and value (B, h_kv, S, w); lambda\_ a
-        scalar (version 1) or (B, T, h, 1) (version 2). Returns (B, T, h, w).
-
-        No mask means SDPA's `is_causal`, as transformers passes it: query t sees keys 0..t. The call starts the
-        sequence, and a static cache's free slots lie beyond T, never read.
-
-        Each chunk of queries gets its maps as matrix products over the keys it may see, softmax, A1 − λ·A2, and one
-        product with the value: the two maps share that product (a fused attention kernel multiplies each map by the
-        value), the maps are never wider than one chunk, and keys past the chunk's last token are skipped. On CPU
-        this is 1.5–2.4× faster than the one-kernel path and 0.7–1.2× a Llama's attention
-        (`benchmarks/attention_paths.py`).
-        """
-        batch, seq_len, maps, d = query.shape
-        h_kv, length = key.shape[1], key.shape[2]  # a static cache's length, not T
-        groups = maps // 2 // h_kv  # differential heads per KV head
-        # Queries (B·h_kv·key maps, T·maps per key map, d) against keys (B·h_kv·key maps, d, S): one batched
-        # product per chunk. Version 1: map s of each head reads key map s of its KV head (two key maps); version 2:
-        # both maps of every head of a group read the group's one key.
-        if self.version == 1:
-            key_maps, query = 2, query.view(batch, seq_len, h_kv, groups, 2, d).permute(0, 2, 4, 1, 3, 5)
-        else:
-            key_maps, query = 1, query.view(batch, seq_len, h_kv, 1, 2 * groups, d).permute(0, 2, 3, 1, 4, 5)
-            lambda_ = lambda_.view(batch, seq_len, h_kv, groups, 1).transpose(1, 2)  # (B, h_kv, T, G, 1)
-        per_token = query.shape[-2]  # query maps per key map and token
-        query = query.contiguous().view(-1, seq_len * per_token, d)
-        slabs = query.shape[0]  # B·h_kv·key maps: the batch of every product of queries and keys
-        key = key.view(batch, h_kv, length, key_maps, d).permute(0, 1, 3, 4, 2).reshape(-1, d, length)
-        chunk_tokens = min(seq_len, max(1, CHUNK_ROW_BYTES // query.element_size() // per_token))
-
-        # The maps of one chunk live in two buffers made once per call and reused by every chunk, so the chunks do
-        # not allocate (and page in) megabytes of fresh memory each.
-        scores_buffer = query.new_empty(slabs * chunk_tokens * per_token * seq_len)
-        maps_buffer = query.new_empty(batch * h_kv * chunk_tokens * groups * seq_len)
-        output = value.new_empty(batch, seq_len, h_kv, groups, value.shape[-1])
-        lowest = torch.finfo(query.dtype).min
-        # Within a chunk each token sees itself and those before it; a shorter last chunk takes the top-left corner
-        future = torch.ones(chunk_tokens, chunk_tokens, dtype=torch.bool, device=query.device).triu(1)
-        for start in range(0, seq_len, chunk_tokens):
-            stop = min(start + chunk_tokens, seq_len)
-            rows, seen = stop - start, stop  # the keys this chunk's last token sees
-            scores = scores_buffer[: slabs * rows * per_token * seen].view(slabs, rows * per_token, seen)
-            chunk = query[:, start * per_token : stop * per_token]
-            scores.baddbmm_(chunk, key[..., :seen], beta=0, alpha=self.scaling)  # Q Kᵀ/√d, no other values read
-            if rows > 1:
-                scores.view(-1, rows, per_token, seen)[..., start:].masked_fill_(future[:rows, None, :rows], lowest)
-            torch.softmax(scores, dim=-1, out=scores)  # in place: the kernel reads a row whole before writing it
-            maps = maps_buffer[: batch * h_kv * rows * groups * seen]
-            if self.version == 1:  # (B·h_kv, 2, T'·G, S'): the key maps' probabilities one after the other
-                probs = scores.view(-1, 2, rows * groups, seen)
-                first, second, weights = probs[:, 0], probs[:, 1], lambda_
-                maps = maps.view(-1, rows * groups, seen)
-            else:  # (B, h_kv, T', G, 2, S'): the two maps of each head side by side
-                probs = scores.view(batch, h_kv, rows, groups, 2, seen)
-                first, second, weights = probs[..., 0, :], probs[..., 1, :], lambda_[:, :, start:stop]
-                maps = maps.view(batch, h_kv, rows, groups, seen)
-            torch.addcmul(first, weights, second, value=-1, out=maps)  # A1 − λ·A2
-            mixed = torch.matmul(maps.view(batch, h_kv, -1, seen), value[:, :, :seen])
-            output[:, start:stop] = mixed.view(batch, h_kv, rows, groups, -1).transpose(1, 2)
-        return output.view(batch, seq_len, h_kv * groups, -1)
 
     def _select_key_maps(self, query: torch.Tensor) -> torch.Tensor:
         """(B, T, 2h, d) -> (B, T, 2h, 2d): map s of each head padded with zeros where the other key map sits."""

@@ -3,10 +3,10 @@
 For a Llama with H heads of width d over H_kv KV heads, the parameter-matched differential layer has h = H/2 heads,
 each with two d-wide query/key maps and a 2d-wide value. Candidates, all computing the same (A1 V, A2 V):
 
-- `chunked` (the model's path for CPU inference, `DiffLlamaAttention._chunked_attention`): query chunks of matrix
-  products, softmax, A1 − λ·A2, then one product with the value per chunk; returns the combined head outputs (the
-  others return both maps' outputs, so it also saves the subtraction they still need).
-- `selector` (the model's path with autograd, with a mask, and on CUDA): one call, 2h query heads zero-padded to 2d
+- `chunked` (the model's CPU path over a causal mask, `chunked_attention.chunked_attention`): query chunks of
+  matrix products, softmax, A1 − λ·A2, then one product with the value per chunk; returns the combined head outputs
+  (the others return both maps' outputs, so it also saves the subtraction they still need).
+- `selector` (the model's path with a padding mask, and on CUDA): one call, 2h query heads zero-padded to 2d
   so each selects its key map in the cached [K1 | K2]; equal widths everywhere.
 - `split-values`: per map, two calls over the value's d-wide halves (four calls).
 - `stacked-split`: both maps stacked on the head axis (2h query heads over 2h_kv key heads), two calls over the
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from chunked_attention import chunked_attention  # noqa: E402
 from configuration_diff import DiffLlamaConfig  # noqa: E402
 from modeling_diff import DiffLlamaAttention  # noqa: E402
 
@@ -45,7 +46,7 @@ def sdpa(q, k, v, causal, scale, gqa=False):
 
 
 def chunked_layer(h, h_kv, d):
-    """A version-1 attention layer of the given shape, for its `_chunked_attention`."""
+    """A version-1 attention layer of the given shape, for `chunked_attention`."""
     config = DiffLlamaConfig(
         hidden_size=2 * h * d, num_attention_heads=h, num_key_value_heads=h_kv, head_dim=d, intermediate_size=64
     )
@@ -71,7 +72,7 @@ def prefill_candidates(H, H_kv, d, T, dtype, use_flex):
     lambda_ = torch.tensor(0.5, dtype=dtype)
     candidates = {
         "llama": lambda: sdpa(q_llama, k_llama, v_llama, True, scale, H != H_kv),
-        "chunked": lambda: layer._chunked_attention(maps, keys, value, lambda_),
+        "chunked": lambda: chunked_attention(layer, maps, keys, value, None, lambda_)[0],
         "selector": lambda: sdpa(padded, keys, value, True, scale, True),
         "split-values": lambda: [sdpa(q, k, v, True, scale, gqa) for q, k in ((q1, k1), (q2, k2)) for v in (va, vb)],
         "stacked-split": lambda: [

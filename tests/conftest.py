@@ -12,6 +12,7 @@ if str(ROOT) not in sys.path:  # the tests also run from a plain checkout, witho
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import modeling_diff  # noqa: E402
 from configuration_diff import DiffLlamaConfig  # noqa: E402
 
 
@@ -35,3 +36,12 @@ def tiny_config(**overrides) -> DiffLlamaConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def chunk_calls(monkeypatch):
+    """A list that gets one entry per call of `chunked_attention` by the model."""
+    calls = []
+    chunked = modeling_diff.chunked_attention
+    monkeypatch.setattr(modeling_diff, "chunked_attention", lambda *a: calls.append(1) or chunked(*a))
+    return calls

@@ -36,8 +36,10 @@ def causal_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
-def _weights(attention):
-    return {name: p.detach().double() for name, p in attention.named_parameters()}
+def _weights(attention, differentiable=False):
+    """The layer's parameters in float64 by name; differentiable: still attached to the layer's autograd graph, so a
+    backward pass through the reference reaches the parameters' gradients."""
+    return {name: (p if differentiable else p.detach()).double() for name, p in attention.named_parameters()}
 
 
 def _project(x, w, name):
@@ -49,7 +51,7 @@ def differential_v1(w, h, h_kv, d, lambda_init, x, rope, rms_norm_eps, names=Non
     """The paper's attention from a dict of float64 weights; `names` renames o_proj / head_norm / lambdas."""
     names = {"o_proj": "o_proj", "head_norm": "head_norm", "lambda": "lambdas.lambda", **(names or {})}
     lam_q1, lam_k1, lam_q2, lam_k2 = (w[f"{names['lambda']}_{n}"] for n in ("q1", "k1", "q2", "k2"))
-    lam = math.exp(float(lam_q1 @ lam_k1)) - math.exp(float(lam_q2 @ lam_k2)) + lambda_init
+    lam = torch.exp(lam_q1 @ lam_k1) - torch.exp(lam_q2 @ lam_k2) + lambda_init  # a tensor: differentiable
     gain = w.get(f"{names['head_norm']}.weight")
     outputs = []
     for xb in x.double():
@@ -69,10 +71,10 @@ def differential_v1(w, h, h_kv, d, lambda_init, x, rope, rms_norm_eps, names=Non
     return torch.stack(outputs)
 
 
-def reference_v1(attention, x: torch.Tensor, theta: float, rms_norm_eps: float) -> torch.Tensor:
+def reference_v1(attention, x: torch.Tensor, theta: float, rms_norm_eps: float, differentiable=False) -> torch.Tensor:
     """(B, T, hidden) -> (B, T, hidden), the paper's formula head by head."""
     return differential_v1(
-        _weights(attention),
+        _weights(attention, differentiable),
         attention.num_heads,
         attention.num_key_value_heads,
         attention.head_dim,
@@ -91,9 +93,9 @@ def reference_paper_layout(state, prefix, h, h_kv, d, lambda_init, x, theta, rms
     return differential_v1(w, h, h_kv, d, lambda_init, x, rope, rms_norm_eps, names)
 
 
-def reference_v2(attention, x: torch.Tensor, theta: float) -> torch.Tensor:
+def reference_v2(attention, x: torch.Tensor, theta: float, differentiable=False) -> torch.Tensor:
     """(B, T, hidden) -> (B, T, hidden), the 2026 revision's formula head by head."""
-    w = _weights(attention)
+    w = _weights(attention, differentiable)
     h, h_kv, d = attention.num_heads, attention.num_key_value_heads, attention.head_dim
     outputs = []
     for xb in x.double():

@@ -43,12 +43,12 @@ def test_every_auto_class_loads_a_saved_causal_lm(tmp_path, auto_class):
     assert type(auto_class.from_pretrained(tmp_path)) is AUTO_CLASSES[auto_class]
 
 
-def test_save_writes_every_auto_class_and_both_code_files(tmp_path):
+def test_save_writes_every_auto_class_and_the_code_files(tmp_path):
     modeling_diff.DiffLlamaForCausalLM(tiny_config()).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "diff_llama"
     assert set(config["auto_map"]) == {"AutoConfig", *(c.__name__ for c in AUTO_CLASSES)}
-    for name in ("configuration_diff.py", "modeling_diff.py"):
+    for name in ("configuration_diff.py", "modeling_diff.py", "chunked_attention.py"):
         assert (tmp_path / name).read_bytes() == (ROOT / name).read_bytes(), f"{name} differs from the package"
     assert AutoConfig.from_pretrained(tmp_path).__class__ is configuration_diff.DiffLlamaConfig
 
@@ -78,6 +78,7 @@ def _run_isolated(code: str, tmp_path: Path, block_package: bool) -> str:
         prelude += (
             f"sys.path[:] = [p for p in sys.path if p not in ('', {str(ROOT)!r})]\n"
             "sys.modules['configuration_diff'] = sys.modules['modeling_diff'] = sys.modules['conversion'] = None\n"
+            "sys.modules['chunked_attention'] = None\n"
         )
     else:
         prelude += f"sys.path.insert(0, {str(ROOT)!r})\n"
@@ -110,6 +111,12 @@ def test_remote_code_loads_without_this_package(tmp_path, version):
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         assert type(model).__name__ == "DiffLlamaForCausalLM"
         assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        # the snapshot carries the chunked CPU path: inference above, and a training step through its backward pass
+        chunked = [name for name in sys.modules if name.startswith("transformers_modules.")]
+        assert any(name.endswith(".chunked_attention") for name in chunked), chunked
+        model.train()
+        model(expected["ids"], labels=expected["ids"]).loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
         base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
         assert type(base).__name__ == "DiffLlamaModel" and type(base).__module__.startswith("transformers_modules.")
         from transformers import AutoConfig, AutoModelForSequenceClassification

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY, tiny_config
-import modeling_diff
+import chunked_attention
 from modeling_diff import DiffLlamaAttention, DiffLlamaForCausalLM
 from reference import reference_v1, reference_v2
 
@@ -60,15 +60,6 @@ def test_v2_matches_plain_reference(layout, implementation):
     torch.testing.assert_close(_run_attention(model, attention, x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture
-def chunk_calls(monkeypatch):
-    """A list that gets one entry per call of `DiffLlamaAttention._chunked_attention`."""
-    calls = []
-    chunked = DiffLlamaAttention._chunked_attention
-    monkeypatch.setattr(DiffLlamaAttention, "_chunked_attention", lambda *a: calls.append(1) or chunked(*a))
-    return calls
-
-
 def _maps_per_key_map(attention):
     groups = attention.num_heads // attention.num_key_value_heads
     return groups if attention.version == 1 else 2 * groups
@@ -78,10 +69,10 @@ def _maps_per_key_map(attention):
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("chunk_tokens", [1, 3, 64])
 def test_chunked_inference_path_matches_plain_reference(layout, version, chunk_tokens, monkeypatch, chunk_calls):
-    """CPU SDPA inference without a mask runs `_chunked_attention`, in chunks of 1, 3 (not dividing 11) or all
+    """CPU SDPA inference without a mask runs `chunked_attention`, in chunks of 1, 3 (not dividing 11) or all
     tokens."""
     model, attention = _attention(version, *HEAD_LAYOUTS[layout], attn_implementation="sdpa")
-    monkeypatch.setattr(modeling_diff, "CHUNK_ROW_BYTES", 4 * _maps_per_key_map(attention) * chunk_tokens)
+    monkeypatch.setattr(chunked_attention, "CHUNK_ROW_BYTES", 4 * _maps_per_key_map(attention) * chunk_tokens)
     x = torch.randn(2, 11, model.config.hidden_size)
     if version == 1:
         expected = reference_v1(attention, x, model.config.rope_parameters["rope_theta"], model.config.rms_norm_eps)
@@ -95,7 +86,8 @@ def test_chunked_inference_path_matches_plain_reference(layout, version, chunk_t
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_chunked_path_only_where_it_applies(version, chunk_calls):
-    """Chunks for CPU SDPA inference over a plain causal mask; the kernel for training, padding, eager, one token."""
+    """Chunks for CPU SDPA over a plain causal mask, with autograd too; the kernel for padding, eager, one token and
+    attention dropout in training."""
     model = DiffLlamaForCausalLM(tiny_config(diff_version=version)).eval()
     ids = torch.randint(1, 128, (2, 8))
     padded = torch.ones_like(ids)
@@ -118,7 +110,13 @@ def test_chunked_path_only_where_it_applies(version, chunk_calls):
         model.config._attn_implementation = "eager"
         assert chunks_used() is False
         model.config._attn_implementation = "sdpa"
-    assert chunks_used() is False  # autograd on: the kernel, whose backward does not keep the maps
+    assert chunks_used() is True  # autograd on: the differentiable chunks
+    model.train()
+    assert chunks_used() is True
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    assert chunks_used() is False  # dropout on the maps: the kernel
 
 
 def test_v1_without_head_norm_matches_reference():

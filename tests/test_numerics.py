@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-import modeling_diff
+import chunked_attention
 from modeling_diff import DiffLlamaForCausalLM
 
 
@@ -92,7 +92,7 @@ def test_properties_over_random_configs(config, seq_len, pad):
     full = eager(ids).logits
 
     torch.testing.assert_close(sdpa(ids).logits, full, atol=1e-5, rtol=1e-5)  # eager equals SDPA
-    with torch.no_grad(), mock.patch.object(modeling_diff, "CHUNK_ROW_BYTES", 1):  # and its chunks of one token
+    with torch.no_grad(), mock.patch.object(chunked_attention, "CHUNK_ROW_BYTES", 1):  # and its chunks of one token
         torch.testing.assert_close(sdpa(ids).logits, full, atol=1e-5, rtol=1e-5)
 
     prefix = eager(ids[:, :-1], use_cache=True)  # cached decoding equals the full forward
