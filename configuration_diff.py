@@ -49,11 +49,15 @@ class DiffLlamaConfig(LlamaConfig):
         head_dim (`int`, *optional*):
             d, the width of one softmax map's queries and keys. Defaults to `hidden_size // (2·num_attention_heads)`
             for version 1 (the paper's parameter matching) and `hidden_size // num_attention_heads` for version 2.
-        diff_version (`int`, defaults to 1):
+        diff_version (`int` or `"dex"`, defaults to 1):
             1: the paper, `(softmax(Q1 K1ᵀ/√d) − λ·softmax(Q2 K2ᵀ/√d)) V` per head with V of width 2d, a learned
             λ per layer, then a per-head RMS norm times `(1 − λ_init)`.
             2: the 2026 revision, two query heads per output head over Llama's own keys and values,
             `A1 V − sigmoid(lambda_proj(x))·A2 V`, no λ vectors and no head norm.
+            "dex": DEX (arXiv 2505.16333), Llama's own attention (h heads of width d, Llama's projections) whose
+            output is differenced on selected heads, `O − λ·f_D(O)`, f_D a d×d map per layer, λ a scheduled buffer.
+        dex_heads (`list[list[int]]`, *optional*):
+            DEX only. The heads whose output is differenced, one list per layer; `None` for every head of every layer.
         lambda_init (`float` or `list[float]`, *optional*):
             Version 1 only. λ_init, in [0, 1): `None` for the paper's schedule `0.8 − 0.6·exp(−0.3·l)` (layer index l
             from 0), one float for every layer, or a list with one value per layer.
@@ -70,7 +74,8 @@ class DiffLlamaConfig(LlamaConfig):
 
     model_type = MODEL_TYPE
 
-    diff_version: int = 1
+    diff_version: int | str = 1
+    dex_heads: list[list[int]] | None = None
     lambda_init: float | list[float] | None = None
     lambda_std_dev: float = 0.1
     use_head_norm: bool = True
@@ -92,8 +97,11 @@ class DiffLlamaConfig(LlamaConfig):
     def _check(self, attn_implementation: str | None) -> None:
         """Refuse, with the numbers, what cannot build a working model (raised here, unwrapped, as ValueError)."""
         h, h_kv, d = self.num_attention_heads, self.num_key_value_heads, self.head_dim
-        if self.diff_version not in (1, 2):
-            raise ValueError(f"diff_version ({self.diff_version}) must be 1 (the paper) or 2 (the 2026 revision).")
+        if self.diff_version not in (1, 2, "dex"):
+            raise ValueError(
+                f"diff_version ({self.diff_version!r}) must be 1 (the paper), 2 (the 2026 revision) or 'dex' (DEX)."
+            )
+        self._check_dex_heads()
         if h <= 0 or h_kv <= 0 or h % h_kv:
             raise ValueError(
                 f"num_attention_heads ({h}) must be a positive multiple of num_key_value_heads ({h_kv}): each "
@@ -162,6 +170,29 @@ class DiffLlamaConfig(LlamaConfig):
             if self.use_head_norm:
                 attention["layers.*.self_attn.head_norm"] = "replicated_with_grad_allreduce"
         return {**LlamaConfig.base_model_tp_plan, **attention}
+
+    def _check_dex_heads(self) -> None:
+        if self.dex_heads is None:
+            return
+        if self.diff_version != "dex":
+            raise ValueError(f"dex_heads is set but diff_version is {self.diff_version!r}: it applies to 'dex' only.")
+        if len(self.dex_heads) != self.num_hidden_layers:
+            raise ValueError(
+                f"dex_heads has {len(self.dex_heads)} lists but num_hidden_layers is {self.num_hidden_layers}: give "
+                "one list of head indices per layer, or None for every head."
+            )
+        h = self.num_attention_heads
+        for layer_idx, heads in enumerate(self.dex_heads):
+            if len(set(heads)) != len(heads) or not all(0 <= head < h for head in heads):
+                raise ValueError(
+                    f"dex_heads of layer {layer_idx} is {heads}: head indices must be distinct and in [0, {h})."
+                )
+
+    def dex_heads_for(self, layer_idx: int) -> list[int]:
+        """The heads DEX differences in one layer (sorted)."""
+        if self.dex_heads is None:
+            return list(range(self.num_attention_heads))
+        return sorted(self.dex_heads[layer_idx])
 
     def validate_architecture(self):
         """Llama's check (hidden_size divisible by heads) does not apply: head_dim is set independently here."""

@@ -34,6 +34,7 @@ from transformers.modeling_layers import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaMLP,
@@ -42,6 +43,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
+    eager_attention_forward,
 )
 
 try:
@@ -257,13 +259,83 @@ class DiffLlamaAttention(nn.Module):
         return torch.stack((first, second), dim=3).flatten(2, 3)
 
 
+class DiffLlamaDex(nn.Module):
+    """DEX's differencing of one layer's attention output: O_i ← O_i − λ·f_D(O_i) on the layer's selected heads.
+
+    `weight` is f_D, one d×d map shared by the selected heads (zero at initialisation); `lambda_` is λ, a buffer
+    set by a schedule during training (`finetune.dex.DexLambdaCallback`), not learned, and saved with the weights.
+    A module of its own so that PEFT can train and save it through `modules_to_save`.
+    """
+
+    def __init__(self, head_dim: int, heads: list[int]):
+        super().__init__()
+        self.heads = heads
+        self.weight = nn.Parameter(torch.zeros(head_dim, head_dim))
+        self.register_buffer("lambda_", torch.zeros(()))
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        """(B, T, h, d) -> (B, T, h, d), the selected heads differenced, the others unchanged."""
+        selected = output[:, :, self.heads]  # (B, T, S, d)
+        correction = nn.functional.linear(selected, self.weight) * self.lambda_.to(output.dtype)  # λ·f_D(O)
+        index = torch.tensor(self.heads, device=output.device)
+        return output.index_add(2, index, correction, alpha=-1)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.weight.shape[0]}, heads={self.heads}"
+
+
+class DiffLlamaDexAttention(LlamaAttention):
+    r"""Llama's softmax attention with DEX (arXiv 2505.16333): the pretrained maps are kept, and on selected heads
+    the attention output is differenced before the output projection,
+
+        O_i = softmax(Q_i K_gᵀ/√d) V_g
+        O_i ← O_i − λ·f_D(O_i)      for the heads i of `config.dex_heads_for(layer)`
+
+    with f_D a learned d×d map initialised to zero and λ annealed from 0 while training, so a converted model is
+    exactly its source at step 0. q/k/v/o are Llama's own projections, and so are the KV cache and the kernels.
+    """
+
+    def __init__(self, config: DiffLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        o_proj_bias = config.attention_bias if config.o_proj_bias is None else config.o_proj_bias
+        if o_proj_bias != config.attention_bias:  # Qwen2 sources: biases on q/k/v only
+            self.o_proj = nn.Linear(self.o_proj.in_features, config.hidden_size, bias=o_proj_bias)
+        self.dex = DiffLlamaDex(self.head_dim, config.dex_heads_for(layer_idx))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len, _ = hidden_states.shape
+        cache = kwargs.pop("past_key_values", cache)  # the argument's name before transformers 5.x renamed it
+        shape = (batch, seq_len, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, h, T, d)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, h_kv, T, d)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)  # (B, h_kv, T, d)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        dropout = self.attention_dropout if self.training else 0.0
+        output, maps = attend(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
+        output = self.dex(output)  # (B, T, h, d)
+        return self.o_proj(output.reshape(batch, seq_len, -1)), maps
+
+
 class DiffLlamaDecoderLayer(LlamaDecoderLayer):
     """Llama's decoder layer (norms, MLP, residuals and forward) around differential attention."""
 
     def __init__(self, config: DiffLlamaConfig, layer_idx: int):
         GradientCheckpointingLayer.__init__(self)  # not LlamaDecoderLayer's: it would build a Llama attention
         self.hidden_size = config.hidden_size
-        self.self_attn = DiffLlamaAttention(config=config, layer_idx=layer_idx)
+        attention = DiffLlamaDexAttention if config.diff_version == "dex" else DiffLlamaAttention
+        self.self_attn = attention(config=config, layer_idx=layer_idx)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -309,6 +381,9 @@ class DiffLlamaPreTrainedModel(LlamaPreTrainedModel):
         if isinstance(module, DiffLlamaLambda):
             for vector in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
                 init.normal_(vector, mean=0.0, std=self.config.lambda_std_dev)
+        if isinstance(module, DiffLlamaDex):  # exactly Llama's attention until training moves f_D and λ
+            init.zeros_(module.weight)
+            init.zeros_(module.lambda_)
 
 
 class DiffLlamaModel(DiffLlamaPreTrainedModel, LlamaModel):
@@ -383,6 +458,8 @@ __all__ = [
     "DiffLlamaLambda",
     "eager_differential_attention",
     "DiffLlamaAttention",
+    "DiffLlamaDex",
+    "DiffLlamaDexAttention",
     "DiffLlamaDecoderLayer",
     "DiffLlamaPreTrainedModel",
     "DiffLlamaModel",

@@ -12,6 +12,10 @@ Strategies, with H, H_kv, d the source's query heads, key/value heads and head w
 - `widened`: every source head stays a head, as map 1 of a differential head of width d; map 2 and the second half
   of each value are new, so q/k/v/o grow and any head count works.
 - `v2` (the 2026 revision): source query heads become Q1, K, V and O are reused, Q2 and `lambda_proj` are new.
+- `dex` (DEX, arXiv 2505.16333): q/k/v/o are copied unchanged; each layer gains f_D (a d×d map, zero) and λ (a
+  buffer, zero) that difference the attention output of its heads, `O − λ·f_D(O)`. Every head of every layer is
+  selected (`dex_heads=None`): the paper selects a layer-specific subset by a criterion it does not spell out in
+  reproducible form, and with f_D = 0 and λ annealed from 0 training decides how much each head uses. Always exact.
 
 `preserve` makes the converted model compute its source's function exactly at step 0 (see `AttentionRules`).
 """
@@ -33,7 +37,7 @@ except ImportError as error:  # the two model files live at the repository root,
 
 from .errors import ConversionError
 
-STRATEGIES = ("widened", "paired", "v2")
+STRATEGIES = ("widened", "paired", "v2", "dex")
 
 # Source architecture -> its config's model_type. Each is Llama's decoder with at most biases on q/k/v added.
 SUPPORTED_ARCHITECTURES = {
@@ -77,6 +81,8 @@ NEW_KEYS = {
     "model.layers.{}.self_attn.lambdas.lambda_k2": "lambda_k2",
     "model.layers.{}.self_attn.head_norm.weight": "head_norm",
     "model.layers.{}.self_attn.lambda_proj.weight": "lambda_proj",
+    "model.layers.{}.self_attn.dex.weight": "dex",
+    "model.layers.{}.self_attn.dex.lambda_": "dex",
 }
 NEW_KEYS_AFTER = "model.layers.{}.self_attn.q_proj.weight"
 
@@ -148,6 +154,11 @@ def check_strategy(config, *, strategy: str, preserve: bool) -> None:
     """Refuse a strategy the source cannot take, with the fix."""
     if strategy not in STRATEGIES:
         raise ConversionError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
+    if strategy == "dex" and not preserve:
+        raise ConversionError(
+            "strategy 'dex' always starts as exactly its source (f_D = 0 and λ = 0; λ grows during training): "
+            "drop --no-preserve."
+        )
     if strategy != "paired":
         return
     source = SourceHeads.of(config)
@@ -182,7 +193,7 @@ def target_config(config, *, strategy: str, preserve: bool, dtype: torch.dtype |
         geometry = dict(num_attention_heads=source.heads // 2, num_key_value_heads=source.kv_heads // 2)
     else:
         geometry = dict(num_attention_heads=source.heads, num_key_value_heads=source.kv_heads)
-    differential = dict(diff_version=2) if strategy == "v2" else dict(diff_version=1)
+    differential = dict(diff_version={"v2": 2, "dex": "dex"}.get(strategy, 1))
     if strategy == "widened" and preserve:
         differential.update(lambda_init=0.0, use_head_norm=False)
     if dtype is None and getattr(config, "dtype", None) is not None:
@@ -272,8 +283,8 @@ class AttentionRules:
 
     def query(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """q_proj (weight or bias): (H·d, ...) -> (2h·d, ...), map-heads (2i, 2i+1) = (Q1, Q2) of head i."""
-        if self.strategy == "paired":
-            return tensor  # source heads (2i, 2i+1) already sit where Q1, Q2 of head i go
+        if self.strategy in ("paired", "dex"):
+            return tensor  # paired: source heads (2i, 2i+1) already sit where Q1, Q2 of head i go; dex: Llama's
         heads, d = self.source.heads, self.source.head_dim
         q1 = tensor.reshape(heads, 1, d, *tensor.shape[1:])  # (H, 1, d, hidden) or (H, 1, d)
         if self.strategy == "v2":
@@ -307,7 +318,7 @@ class AttentionRules:
 
     def output(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """o_proj weight: widened adds columns for each head's new value half; v2 --preserve doubles it."""
-        if self.strategy == "paired":
+        if self.strategy in ("paired", "dex"):
             return tensor
         if self.strategy == "v2":
             return tensor * 2 if self.preserve else tensor  # ×2 is exact in every float format
@@ -336,6 +347,8 @@ class AttentionRules:
         layer_key = key.rsplit(".", 1)[0]  # λ_q1 and λ_q2 share a generator under `preserve`
         if role == "head_norm":
             return torch.ones(shape, dtype=like.dtype, device=like.device)
+        if role == "dex":  # f_D = 0 and λ = 0: the source's attention output exactly
+            return torch.zeros(shape, dtype=like.dtype, device=like.device)
         if role == "lambda_proj":
             if self.preserve:
                 return torch.zeros(shape, dtype=like.dtype, device=like.device)

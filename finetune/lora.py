@@ -65,6 +65,8 @@ def _check_second_maps(config: PretrainedConfig, second_maps: str) -> None:
         raise ValueError(
             f"second_maps='full' needs a {MODEL_TYPE} model; a {config.model_type!r} model has no second maps."
         )
+    if second_maps == "full" and config.diff_version == "dex":
+        raise ValueError("second_maps='full' does not apply to a DEX model: it keeps Llama's maps and has no second ones.")
 
 
 def diff_modules_to_save(
@@ -73,7 +75,7 @@ def diff_modules_to_save(
     """Modules a LoRA adapter must train in full and save for this model: `modules_to_save` for `LoraConfig`.
 
     Version 1: `lambdas` (the four λ vectors of each layer) and `head_norm` (its gains; only when the config has
-    `use_head_norm`). Version 2: `lambda_proj`. With `second_maps="full"`, also the projections a widened
+    `use_head_norm`). Version 2: `lambda_proj`. DEX: `dex` (f_D, and its λ buffer). With `second_maps="full"`, also the projections a widened
     conversion changed. Empty for a model that is not a DiffLlama (a Llama baseline).
     """
     config = _config_of(model_or_config)
@@ -82,6 +84,8 @@ def diff_modules_to_save(
         return []
     if config.diff_version == 1:
         modules = ["lambdas"] + (["head_norm"] if config.use_head_norm else [])
+    elif config.diff_version == "dex":
+        modules = ["dex"]  # f_D and λ of each layer
     else:
         modules = ["lambda_proj"]
     if second_maps == "full":

@@ -27,6 +27,7 @@ from conversion.output import Manifest, files_under, inside
 import modeling_diff  # noqa: F401
 
 from .data import PackedBlocks, build_corpus, default_data_dir
+from .dex import dex_callbacks
 from .lora import lora_config
 
 logger = logging.get_logger(__name__)
@@ -363,6 +364,7 @@ def finetune(
         train_dataset=corpus.train,
         data_collator=default_data_collator,
         processing_class=tokenizer,
+        callbacks=dex_callbacks(trained),  # DEX's λ schedule; none for other models
     )
     main_process = trainer.is_world_process_zero()
     facts = {"model": model, "mode": mode, "data": str(data), "steps": steps, "block_size": block_size, "seed": seed}

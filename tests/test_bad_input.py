@@ -149,7 +149,7 @@ def test_cli_rejects_unknown_choices_in_one_message(tmp_path, llama, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(llama), str(tmp_path / "out"), "--strategy", "halves"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'halves' (choose from 'widened', 'paired', 'v2')" in capsys.readouterr().err
+    assert "invalid choice: 'halves' (choose from 'widened', 'paired', 'v2', 'dex')" in capsys.readouterr().err
     assert main([str(llama), str(tmp_path / "out"), "--max-shard-size", "-3"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "positive size" in err and "\n" not in err

@@ -1,6 +1,6 @@
 """lm-evaluation-harness on converted folders, in a process that cannot import this package; the HumanEval tasks.
 
-One `lm_eval` run per model folder (a tiny Llama, its `v2 --preserve` conversion) covers everything:
+One `lm_eval` run per model folder (a tiny Llama, its `v2 --preserve` and `dex` conversions) covers everything:
 two tiny local tasks (loglikelihood, and greedy generation with batch 2 and left padding over prompts of different
 lengths) and the two shipped HumanEval tasks on 2 problems. The converted folders must give the source's results,
 and both must equal what the models compute directly in this process.
@@ -33,7 +33,7 @@ DOCS = [  # prompts of different lengths, so a batch of two is padded
     {"context": "a = [1, 2, 3, 4, 5, 6", "target": ", 7]"},
 ]
 GENERATION = {"until": ["e"], "max_gen_toks": 6, "do_sample": False}
-MODELS = ("llama", "v2")
+MODELS = ("llama", "v2", "dex")
 # Our package's names: the harness process must find none of them.
 OUR_MODULES = ("configuration_diff", "modeling_diff", "conversion", "finetune")
 
@@ -132,7 +132,7 @@ def harness(tmp_path_factory):
     folders = {"llama": root / "llama"}
     source.save_pretrained(folders["llama"])
     tiny_tokenizer().save_pretrained(folders["llama"])
-    for strategy, options in (("v2", {"preserve": True}),):
+    for strategy, options in (("v2", {"preserve": True}), ("dex", {})):
         folders[strategy] = convert(
             source=folders["llama"], output=root / strategy, strategy=strategy, verify=False, progress=False, **options
         )
