@@ -143,6 +143,11 @@ class DiffLlamaConfig(LlamaConfig):
         `lambda_proj`) are exactly such groups when num_key_value_heads is divisible by the size.
         """
         h, h_kv = self.num_attention_heads, self.num_key_value_heads
+        if tp_size > 1 and self.diff_version not in (1, 2):
+            raise ValueError(
+                f"tensor parallelism is implemented for diff_version 1 and 2, not {self.diff_version!r}; use "
+                "FSDP/DDP instead."
+            )
         if tp_size > 1 and h_kv % tp_size:
             raise ValueError(
                 f"tensor parallelism over {tp_size} processes needs num_key_value_heads ({h_kv}) divisible by "
@@ -164,11 +169,13 @@ class DiffLlamaConfig(LlamaConfig):
         whole KV groups in this layout, plus what differential attention adds. Version 1's λ vectors and head-norm
         gain are replicated, their gradients summed over the processes (each process's heads contribute a share);
         version 2's `lambda_proj` is sharded with its heads (its output rows are per head)."""
-        attention = {"layers.*.self_attn.lambda_proj": "colwise"}
+        attention = {}
         if self.diff_version == 1:
-            attention = {"layers.*.self_attn.lambdas": "replicated_with_grad_allreduce"}
+            attention["layers.*.self_attn.lambdas"] = "replicated_with_grad_allreduce"
             if self.use_head_norm:
                 attention["layers.*.self_attn.head_norm"] = "replicated_with_grad_allreduce"
+        elif self.diff_version == 2:
+            attention["layers.*.self_attn.lambda_proj"] = "colwise"
         return {**LlamaConfig.base_model_tp_plan, **attention}
 
     def _check_dex_heads(self) -> None:

@@ -78,6 +78,21 @@ class DiffLlamaLambda(nn.Module):
         return f"head_dim={self.lambda_q1.shape[0]}, lambda_init={self.lambda_init:.4f}"
 
 
+def check_cache_width(cache, layer_idx: int, key: torch.Tensor) -> None:
+    """Refuse a cache layer built ahead for keys narrower than these (a tool that sized it from head_dim, not from
+    `config.cache_head_dim`: version 1 caches [K1 | K2]), instead of failing inside the cache's index_copy_."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers) or not getattr(layers[layer_idx], "is_initialized", False):
+        return
+    keys = getattr(layers[layer_idx], "keys", None)
+    if keys is not None and keys.dim() == 4 and keys.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"the cache of layer {layer_idx} was built for keys {keys.shape[-1]} wide, but this model caches keys and "
+            f"values {key.shape[-1]} wide (config.cache_head_dim; version 1 caches [K1 | K2] and a 2·head_dim "
+            "value): size the cache from config.cache_head_dim, not head_dim."
+        )
+
+
 def eager_differential_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -109,10 +124,10 @@ def eager_differential_attention(
     probs = nn.functional.dropout(probs, p=module.attention_dropout, training=module.training)
     if module.version == 2:  # λ per token and head: (B, T, h, 1) -> (B, h_kv, G, T, 1)
         lambda_ = lambda_.view(batch, seq_len, h_kv, groups, 1).permute(0, 2, 3, 1, 4)
-    combined = probs[:, :, 0] - lambda_ * probs[:, :, 1]  # A1 − λ·A2, (B, h_kv, G, T, S)
-    output = torch.matmul(combined, value.unsqueeze(2))  # (B, h_kv, G, T, w)
-    output = output.permute(0, 3, 1, 2, 4).reshape(batch, seq_len, h_kv * groups, -1)
-    return output, combined.reshape(batch, h_kv * groups, seq_len, length)
+    # A1 − λ·A2, (B, h, T, S): the tensor returned is the one the output is computed from, not a copy beside it
+    maps = (probs[:, :, 0] - lambda_ * probs[:, :, 1]).view(batch, h_kv * groups, seq_len, length)
+    output = torch.matmul(maps.view(batch, h_kv, groups, seq_len, length), value.unsqueeze(2))  # (B, h_kv, G, T, w)
+    return output.permute(0, 3, 1, 2, 4).reshape(batch, seq_len, h_kv * groups, -1), maps
 
 
 class DiffLlamaAttention(nn.Module):
@@ -196,6 +211,7 @@ class DiffLlamaAttention(nn.Module):
         key = key.reshape(batch, seq_len, -1, self.config.cache_head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq_len, key.shape[1], -1).transpose(1, 2)  # (B, h_kv, T, w)
         if cache is not None:
+            check_cache_width(cache, self.layer_idx, key)
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
         if self.version == 1:
@@ -232,7 +248,8 @@ class DiffLlamaAttention(nn.Module):
                 rows, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling
             )
             return output.view(batch, 1, maps, width)
-        attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        # get_interface, as transformers' models call it: its set_attn_implementation looks for this call
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         output, _ = attend(
             self, query.transpose(1, 2), key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
         )
