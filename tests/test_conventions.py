@@ -190,6 +190,35 @@ def test_classification_problem_types_and_mismatched_heads(version, tmp_path):
 
 
 @VERSIONS
+def test_token_classification_and_question_answering_heads(version):
+    ids = _ids()
+    tagger = _model(version, DiffLlamaForTokenClassification, num_labels=3)
+    out = tagger(ids, labels=torch.randint(0, 3, (2, 7)))
+    assert out.logits.shape == (2, 7, 3) and torch.isfinite(out.loss)
+    reader = _model(version, DiffLlamaForQuestionAnswering)
+    out = reader(ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4]))
+    assert out.start_logits.shape == out.end_logits.shape == (2, 7) and torch.isfinite(out.loss)
+
+
+@VERSIONS
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_from_the_config(version, rope_type):
+    """CausalLMModelTest's RoPE check: scaling changes long inputs (past max_position_embeddings = 256), and short
+    ones too except for dynamic NTK, which only rescales once an input is longer than the original maximum."""
+    short, long = torch.randint(3, 128, (1, 10)), torch.randint(3, 128, (1, 384))
+    plain = _model(version, DiffLlamaModel)
+    scaled = _model(version, DiffLlamaModel, rope_parameters={"rope_type": rope_type, "factor": 10.0, "rope_theta": 1e4})
+    with torch.no_grad():
+        outputs = [(m(short).last_hidden_state, m(long).last_hidden_state) for m in (plain, scaled)]
+    (plain_short, plain_long), (scaled_short, scaled_long) = outputs
+    if rope_type == "dynamic":
+        torch.testing.assert_close(scaled_short, plain_short, atol=1e-5, rtol=1e-5)
+    else:
+        assert not torch.allclose(scaled_short, plain_short, atol=1e-5)
+    assert not torch.allclose(scaled_long, plain_long, atol=1e-5)
+
+
+@VERSIONS
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_enable_disable_and_reentrant_variants(version, reentrant):
     model = _model(version)

@@ -255,7 +255,7 @@ def test_static_cache_with_torch_compile():
     ids = torch.randint(1, 128, (1, 5))
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
     eager = model.generate(ids, **kwargs)
-    model.forward = torch.compile(model.forward, dynamic=False)
+    model.forward = torch.compile(model.forward, dynamic=False, fullgraph=True)  # _can_compile_fullgraph = True
     compiled = model.generate(ids, **kwargs)
     assert torch.equal(eager, compiled)
 

@@ -292,3 +292,13 @@ def test_tp_plan_names_every_sharded_module_and_nothing_else(version, use_head_n
     assert {f"layers.*.self_attn.{n}" for n in attention} <= set(plan)
     assert set(LlamaConfig.base_model_tp_plan) <= set(plan)
     assert {f"model.{rule}": style for rule, style in plan.items()}.items() <= model.tp_plan.items()
+
+
+def test_the_check_runs_before_sharding_and_refuses_other_versions():
+    """`check_tensor_parallel` is what `from_pretrained` calls before anything is sharded: whole KV groups per process,
+    and only the versions whose plan is written (DEX's differencing indexes heads by their global number)."""
+    tiny_config(num_attention_heads=4, num_key_value_heads=2).check_tensor_parallel(2)
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(2\) divisible by 4"):
+        tiny_config(num_attention_heads=4, num_key_value_heads=2).check_tensor_parallel(4)
+    with pytest.raises(ValueError, match="diff_version 1 and 2, not 'dex'"):
+        tiny_config(diff_version="dex", head_dim=16).check_tensor_parallel(2)
