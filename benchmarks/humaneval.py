@@ -96,7 +96,8 @@ def harness_scores(folder: Path, task: dict) -> dict:
 
     os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # the programs run in subprocesses with time limits (evals/tasks/utils.py)
     model_args = {"pretrained": str(folder), "trust_remote_code": True, "dtype": "float32"}
-    manager = TaskManager(include_path=str(TASKS), metadata={"pretrained": str(folder)})
+    # Only our folder: indexing lm-eval's thousands of stock task configs takes most of a minute each time.
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False, metadata={"pretrained": str(folder)})
     scores = {}
     for name, limit, extra in (
         ("humaneval_solution_loss", task["problems"], {}),
