@@ -113,8 +113,8 @@ class DiffLlamaConfig(LlamaConfig):
                 f"with hidden_size ({self.hidden_size}) and num_attention_heads ({h}) the default is too small, "
                 "so set head_dim explicitly or use fewer heads."
             )
-        if self.lambda_std_dev < 0:
-            raise ValueError(f"lambda_std_dev ({self.lambda_std_dev}) must be >= 0.")
+        if not math.isfinite(self.lambda_std_dev) or self.lambda_std_dev < 0:
+            raise ValueError(f"lambda_std_dev ({self.lambda_std_dev}) must be a finite number >= 0, e.g. 0.1.")
         if isinstance(self.lambda_init, list) and len(self.lambda_init) != self.num_hidden_layers:
             raise ValueError(
                 f"lambda_init has {len(self.lambda_init)} values but num_hidden_layers is {self.num_hidden_layers}: "

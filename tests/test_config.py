@@ -17,7 +17,10 @@ from conftest import tiny_config
         (dict(diff_version=3), r"diff_version \(3\) must be 1"),
         (dict(head_dim=7), r"head_dim \(7\) must be a positive even number"),
         (dict(hidden_size=64, num_attention_heads=32, num_key_value_heads=32, head_dim=None), r"head_dim \(1\)"),
-        (dict(lambda_std_dev=-1.0), r"lambda_std_dev \(-1.0\) must be >= 0"),
+        (dict(lambda_std_dev=-1.0), r"lambda_std_dev \(-1.0\) must be a finite number >= 0"),
+        (dict(lambda_std_dev=float("inf")), r"lambda_std_dev \(inf\) must be a finite number >= 0"),
+        (dict(lambda_std_dev=float("nan")), r"lambda_std_dev \(nan\) must be a finite number >= 0"),
+        (dict(lambda_init=float("nan")), r"lambda_init for layer 0 is nan"),
     ],
 )
 def test_impossible_configs_raise_value_error_naming_fields_and_numbers(fields, message):
