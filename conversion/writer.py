@@ -48,7 +48,7 @@ def parse_size(size: int | str) -> int:
                 break
         else:
             value = int(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or inf / nan
         value = 0
     if value <= 0:
         raise ConversionError(f"max_shard_size {size!r} is not a positive size: write it like 5GB, 500MB or 1000000.")

@@ -129,6 +129,8 @@ def resolve_model(model: str | Path) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path.resolve())
+    if path.is_file():
+        raise FileNotFoundError(f"model {model} is a file: pass the folder that holds the model's config.json")
     text = str(model)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
     if looks_like_hub_id:
@@ -293,8 +295,21 @@ def finetune(
         eval_tokens=eval_tokens, max_train_tokens=max_train_tokens, lora_r=lora_r, save_steps=save_steps,
         log_every=log_every,
     )
+    _check_positive(lora_alpha=lora_alpha)
+    if warmup_steps is not None and warmup_steps < 0:
+        raise ValueError(f"warmup-steps ({warmup_steps}) must be 0 or more")
+    if block_size < 2:
+        raise ValueError(f"block-size ({block_size}) must be at least 2: a block predicts each token from the last")
+    if eval_tokens < block_size:
+        raise ValueError(f"eval-tokens ({eval_tokens}) must be at least one block (block-size {block_size})")
     if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"learning-rate ({learning_rate}) must be a positive number, e.g. 2e-4")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora-dropout ({lora_dropout}) must lie in [0, 1)")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight-decay ({weight_decay}) must be a number >= 0, e.g. 0.01")
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval-fraction ({eval_fraction}) must lie strictly between 0 and 1, e.g. 0.05")
     if merge and mode != "lora":
         raise ValueError("merge applies to LoRA training only; full fine-tuning already writes a plain model")
     model = resolve_model(model)

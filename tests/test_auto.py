@@ -70,7 +70,7 @@ def test_builtin_diffllama_still_loads_its_own_class(tmp_path):
     assert type(AutoConfig.from_pretrained(tmp_path)) is BuiltinDiffLlamaConfig
 
 
-def _run_isolated(code: str, tmp_path: Path, block_package: bool) -> str:
+def _run_isolated(code: str, tmp_path: Path, block_package: bool, stdin: str = "") -> str:
     """Run `code` in a fresh interpreter whose sys.path does not reach this checkout."""
     prelude = "import sys\n"
     if block_package:
@@ -90,8 +90,10 @@ def _run_isolated(code: str, tmp_path: Path, block_package: bool) -> str:
         cwd=tmp_path,
         env=env,
         timeout=300,
+        input=stdin,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Do you wish to run the custom code?" not in result.stdout + result.stderr, "transformers asked"
     return result.stdout
 
 
@@ -193,3 +195,18 @@ def test_importing_the_model_code_does_no_io_and_no_network(tmp_path):
         block_package=False,
     )
     assert "calls []" in out
+
+
+def test_model_card_snippet_runs_as_written_without_this_package(tmp_path):
+    from conversion import convert
+    from test_conversion import make_source
+
+    make_source(tmp_path / "llama", "llama")
+    out = convert(source=tmp_path / "llama", output=tmp_path / "out", verify=False, progress=False)
+    card = (out / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    snippet = snippet.replace('"OWNER/NAME"', repr(str(out))).replace('"COMMIT_SHA"', "None")
+    snippet += "ids = tokenizer('def f():', return_tensors='pt').input_ids\n"
+    snippet += "print(type(model).__module__, model(ids).logits.shape)\n"
+    printed = _run_isolated(snippet, tmp_path, block_package=True, stdin="y\n")  # "y" would answer a prompt
+    assert printed.startswith("transformers_modules.") and "custom code" not in printed

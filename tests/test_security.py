@@ -2,6 +2,9 @@
 
 import ast
 import json
+import subprocess
+import sys
+
 import pytest
 
 from conftest import ROOT, TINY
@@ -56,3 +59,38 @@ def test_finetune_never_runs_a_checkpoints_own_code(tmp_path, data_dir, tokenize
     metrics = train(folder, tmp_path / "out", data_dir, steps=2)
     assert not marker.exists(), "the checkpoint's auto_map code ran"
     assert metrics["loss_curve"], "the plain Llama trained instead"
+
+
+def test_conversion_never_runs_or_asks_about_a_sources_own_code(tmp_path):
+    from test_conversion import make_source
+
+    folder, marker = tmp_path / "trap", tmp_path / "marker"
+    make_source(folder, "llama")
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    for name, auto_map in (
+        ("config.json", {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"}),
+        ("tokenizer_config.json", {"AutoTokenizer": ["evil.EvilTokenizer", None]}),
+    ):
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**config, "auto_map": auto_map}))
+    # A "y" waiting on standard input would answer transformers' "Do you wish to run the custom code?" prompt.
+    child = subprocess.run(
+        [sys.executable, "-m", "conversion", str(folder), str(tmp_path / "out"), "--no-progress"],
+        input="y\ny\ny\n", capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert child.returncode == 0, child.stderr
+    assert not marker.exists(), "the source's auto_map code ran"
+    assert "custom code" not in child.stdout + child.stderr.replace("custom_code", "")  # never asked
+    assert "names its own code (config.json: AutoConfig -> evil.EvilConfig" in child.stderr
+    assert "it was not run" in (tmp_path / "out" / "README.md").read_text()
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]
+    assert all(target.startswith(("configuration_diff.", "modeling_diff.")) for target in saved.values())
+
+
+def test_merged_model_carries_no_foreign_auto_map(tmp_path, data_dir, tokenizer):
+    folder, marker = tmp_path / "trap", tmp_path / "marker"
+    _booby_trapped_checkpoint(folder, marker, tokenizer)
+    train(folder, tmp_path / "out", data_dir, steps=1, mode="lora", merge=True)
+    merged = json.loads((tmp_path / "out" / "merged" / "config.json").read_text())
+    assert "auto_map" not in merged and not (tmp_path / "out" / "merged" / "evil.py").exists()
+    assert not marker.exists()

@@ -238,3 +238,43 @@ def test_command_line(v2_checkpoint, data_dir, tmp_path, capsys):
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "does not exist" in error
+
+
+def test_resume_from_an_incomplete_or_damaged_checkpoint_is_refused(v1_checkpoint, data_dir, tmp_path):
+    train(v1_checkpoint, tmp_path, data_dir, steps=2, save_steps=2)
+    checkpoint = tmp_path / CHECKPOINTS_DIR / "checkpoint-2"
+    (checkpoint / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-2 lacks optimizer.pt: resuming would silently restart"):
+        train(v1_checkpoint, tmp_path, data_dir, steps=4, resume=True)
+    (checkpoint / "optimizer.pt").write_bytes(b"")
+    (checkpoint / "trainer_state.json").write_text("{truncated")
+    with pytest.raises(ValueError, match=r"checkpoint-2/trainer_state.json is damaged"):
+        train(v1_checkpoint, tmp_path, data_dir, steps=4, resume=True)
+
+
+def test_an_earlier_run_is_continued_or_replaced_only_when_asked(v2_checkpoint, data_dir, tmp_path):
+    first = train(v2_checkpoint, tmp_path / "run", data_dir, steps=2, mode="lora", merge=True)
+    with pytest.raises(ValueError, match="holds an earlier run: pass --resume to continue it or --overwrite"):
+        train(v2_checkpoint, tmp_path / "run", data_dir, steps=2)
+    second = train(v2_checkpoint, tmp_path / "run", data_dir, steps=3, overwrite=True)  # full, no adapter
+    assert second["steps"] == 3 and first["mode"] == "lora"
+    written = {p.name for p in (tmp_path / "run").iterdir()}
+    assert "adapter_config.json" not in written and "merged" not in written and "model.safetensors" in written
+    assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINTS_DIR).iterdir()) == ["checkpoint-3"]
+
+
+def test_adapter_loads_from_any_working_folder(v2_checkpoint, data_dir, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    relative = Path("models") / "v2"
+    (tmp_path / "models").mkdir()
+    shutil.copytree(v2_checkpoint, tmp_path / relative)
+    monkeypatch.chdir(tmp_path)
+    train(relative, Path("runs") / "lora", data_dir, steps=1, mode="lora")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    adapter_config = json.loads((tmp_path / "runs" / "lora" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tmp_path / relative)
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "runs" / "lora")
+    assert type(model.get_base_model()) is modeling_diff.DiffLlamaForCausalLM
