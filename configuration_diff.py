@@ -8,6 +8,7 @@ import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, LlamaConfig
+from transformers.integrations.hub_kernels import is_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 MODEL_TYPE = "diff_llama"
@@ -23,8 +24,9 @@ AUTO_MAP = {
     "AutoModelForQuestionAnswering": "modeling_diff.DiffLlamaForQuestionAnswering",
 }
 
-# What the model is tested with. Any other function registered with transformers' `AttentionInterface` is accepted
-# too: the model calls it with standard shapes (queries, keys and values of equal width, 2h query heads over h_kv).
+# What the model is tested with. Any other function registered with transformers' `AttentionInterface`, and any Hub
+# kernel, is accepted too: the model calls it with standard shapes (queries, keys and values of equal width, 2h query
+# heads over h_kv).
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 
@@ -127,12 +129,14 @@ class DiffLlamaConfig(LlamaConfig):
                     f"lambda_init for layer {layer_idx} is {value}; it must lie in [0, 1) because the head output "
                     "is scaled by (1 - lambda_init)."
                 )
+        if attn_implementation is None or is_kernel(attn_implementation):  # a Hub kernel: transformers fetches it
+            return
         known = ("eager", *ALL_ATTENTION_FUNCTIONS.valid_keys())  # registered ones included, at the time of the call
-        if attn_implementation is not None and attn_implementation not in known:
+        if attn_implementation.removeprefix("paged|") not in known:
             raise ValueError(
                 f"attn_implementation {attn_implementation!r} is not supported by DiffLlama; use one of "
-                f"{', '.join(ATTENTION_IMPLEMENTATIONS)}, or register your own function under that name first with "
-                "transformers.AttentionInterface.register."
+                f"{', '.join(ATTENTION_IMPLEMENTATIONS)}, a Hub kernel (\"org/repo\"), or register your own function "
+                "under that name first with transformers.AttentionInterface.register."
             )
 
     def check_tensor_parallel(self, tp_size: int) -> None:

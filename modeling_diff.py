@@ -443,8 +443,8 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel, LlamaForCausalLM, Generatio
             raise ValueError(
                 "continuous batching (generate_batch, init_continuous_batching) sizes its paged KV cache from head_dim "
                 f"({self.config.head_dim}), but version 1 caches keys and values {self.config.cache_head_dim} wide "
-                "(config.cache_head_dim: [K1 | K2] and the 2·head_dim value). Use generate(), with any cache class, or "
-                "a version-2 model."
+                "(config.cache_head_dim: [K1 | K2] and the 2·head_dim value). Use generate(), with any cache class, "
+                "or a version-2 model."
             )
         return super().init_continuous_batching(*args, **kwargs)
 

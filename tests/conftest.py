@@ -1,4 +1,7 @@
 import os
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +35,30 @@ TINY = dict(
 def tiny_config(**overrides) -> DiffLlamaConfig:
     return DiffLlamaConfig(**{**TINY, **overrides})
 
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a multi-process launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_launcher(command: list[str], *, env: dict, timeout_s: int, cwd: Path | None = None) -> None:
+    """Run a launcher of several processes (torchrun, accelerate launch); fail the test with the end of its log if it
+    fails or runs past `timeout_s`. Its own session, so that a timeout kills the launcher and every process it
+    started, not the launcher alone: a hung collective must not hang the suite."""
+    name = command[2] if command[1:2] == ["-m"] else command[0]  # python -m torch.distributed.run -> its module
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        pytest.fail(f"{name} ran past {timeout_s} s:\n{log[-6000:]}")
+    if process.returncode != 0:
+        pytest.fail(f"{name} failed ({process.returncode}):\n{log[-6000:]}")
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -144,6 +141,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import modeling_diff
 from configuration_diff import DiffLlamaConfig
+from conftest import free_port, run_launcher
 from finetune.data import build_corpus
 from finetune.recipe import CHECKPOINTS_DIR, METRICS_FILE, held_out_loss
 
@@ -158,13 +156,7 @@ EVAL_FRACTION = 0.3
 MAX_EVAL_TOKENS = 2048
 LAUNCH_TIMEOUT_S = 300  # a run takes 20-40 s on two busy cores; a hung collective must not hang the suite
 STRATEGIES = {"ddp": CONFIGS / "ddp.yaml", "fsdp": CONFIGS / "fsdp.yaml"}
-CODE_FILES = {"configuration_diff.py", "modeling_diff.py"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CODE_FILES = {"configuration_diff.py", "modeling_diff.py", "chunked_attention.py"}  # what a Hub snapshot carries
 
 
 def launch(config: Path, model: Path, data: Path, output: Path, records: Path) -> None:
@@ -186,24 +178,7 @@ def launch(config: Path, model: Path, data: Path, output: Path, records: Path) -
     command += ["--steps", str(STEPS), "--save-steps", str(SAVE_STEPS), "--log-every", "1", "--seed", "0"]
     command += ["--block-size", str(BLOCK_SIZE), "--batch-size", str(BATCH_SIZE), "--learning-rate", "3e-3"]
     command += ["--eval-fraction", str(EVAL_FRACTION), "--eval-tokens", str(MAX_EVAL_TOKENS)]
-    # Own session, so that a timeout kills the launcher and both ranks, not the launcher alone.
-    process = subprocess.Popen(
-        command,
-        env=env,
-        cwd=output.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        log, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        pytest.fail(f"accelerate launch ran past {LAUNCH_TIMEOUT_S} s:\n{log[-6000:]}")
-    if process.returncode != 0:
-        pytest.fail(f"accelerate launch failed ({process.returncode}):\n{log[-6000:]}")
+    run_launcher(command, env=env, timeout_s=LAUNCH_TIMEOUT_S, cwd=output.parent)
 
 
 @pytest.fixture(scope="module")

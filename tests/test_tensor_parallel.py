@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -108,7 +105,8 @@ def _rank_main(folder: Path) -> int:
     record.update(world_size=dist.get_world_size(), backend=dist.get_backend())
 
     for name in PIPELINE_CASES:
-        model = AutoModelForCausalLM.from_pretrained(folder / name, distributed_config=DistributedConfig(pp_size=TP_SIZE))
+        pipeline = DistributedConfig(pp_size=TP_SIZE)
+        model = AutoModelForCausalLM.from_pretrained(folder / name, distributed_config=pipeline)
         with torch.no_grad():
             logits = model(ids).logits
         save_file({"logits": logits.contiguous()}, folder / f"{name}.pipeline.rank{rank}.safetensors")
@@ -131,16 +129,10 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
-from conftest import tiny_config
+from conftest import free_port, run_launcher, tiny_config
 from modeling_diff import DiffLlamaForCausalLM
 
 LAUNCH_TIMEOUT_S = 300  # about 30 s on two busy cores; a hung collective must not hang the suite
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(folder: Path) -> None:
@@ -153,18 +145,7 @@ def _launch(folder: Path) -> None:
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(TP_SIZE)]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, str(folder)]
-    # Own session, so that a timeout kills the launcher and both ranks, not the launcher alone.
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        log, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        pytest.fail(f"torchrun ran past {LAUNCH_TIMEOUT_S} s:\n{log[-6000:]}")
-    if process.returncode != 0:
-        pytest.fail(f"torchrun failed ({process.returncode}):\n{log[-6000:]}")
+    run_launcher(command, env=env, timeout_s=LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
