@@ -256,7 +256,7 @@ def test_two_processes_train_save_and_reload(strategy, runs, v1_checkpoint, data
         block_size=BLOCK_SIZE,
         eval_fraction=EVAL_FRACTION,
         max_train_tokens=BLOCK_SIZE,
-        eval_tokens=MAX_EVAL_TOKENS,
+        max_eval_tokens=MAX_EVAL_TOKENS,
     )
     assert held_out_loss(reloaded, corpus.held_out, batch_size=BATCH_SIZE) == pytest.approx(
         metrics["held_out_loss_after"], rel=1e-5

