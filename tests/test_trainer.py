@@ -278,3 +278,13 @@ def test_adapter_loads_from_any_working_folder(v2_checkpoint, data_dir, tmp_path
     assert adapter_config["base_model_name_or_path"] == str(tmp_path / relative)
     model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "runs" / "lora")
     assert type(model.get_base_model()) is modeling_diff.DiffLlamaForCausalLM
+
+
+def test_a_run_prints_no_deprecation_warning_of_the_libraries(v2_checkpoint, data_dir, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(v2_checkpoint, tmp_path / "run", data_dir, steps=1, mode="lora", gradient_checkpointing=True)
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not [message for message in deprecated if "is_gradient_checkpointing" in message], deprecated
