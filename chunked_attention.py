@@ -18,9 +18,9 @@ This file travels with `modeling_diff.py` as remote code: it imports only `torch
 
 import torch
 
-# Query rows (tokens × query maps per key map) in one chunk, as bytes of one row of queries per element: 96 rows in
-# fp32, 192 in bf16 (the fastest measured at 512–4096 tokens on CPU).
-CHUNK_ROW_BYTES = 384
+# Query rows (tokens × query maps per key map) in one chunk, as bytes of one row of queries per element: 192 rows in
+# fp32, 384 in bf16 (the fastest of 384–3072 bytes measured at 1,024–4,096 tokens on CPU, inference and training).
+CHUNK_ROW_BYTES = 768
 
 
 def chunked_attention(module, query, key, value, attention_mask, lambda_) -> tuple[torch.Tensor, None]:
@@ -135,15 +135,20 @@ class _Chunks:
         width = self.value.shape[-1]
         grad_output = grad_output.reshape(batch, seq_len, h_kv, groups, width).transpose(1, 2)
         grad_output = grad_output.reshape(batch * h_kv, seq_len * groups, width)  # rows (token, head), as the maps
+        # dS_s = scale_s · P_s ∘ (dM − e_s) with scale 1/√d for map 1 and −λ/√d for map 2: the scale goes on the rows
+        # of Q (for dK) and of dQ, not on the maps. Version 1: (2, 1, 1), version 2: (B, h_kv, T, G, 2, 1).
+        lambda_ = self.lambda_
+        if self.version == 1:
+            scale = torch.stack((torch.ones_like(lambda_), -lambda_)).view(2, 1, 1) * self.scaling
+        else:
+            scale = torch.cat((torch.ones_like(lambda_), -lambda_), dim=-1).unsqueeze(-1) * self.scaling
+        scaled_query = (self._pairs(self.query, seq_len) * scale).view_as(self.query)
         # Keys and values gather contributions from every chunk: accumulate them in at least fp32
         accumulate = torch.promote_types(self.query.dtype, torch.float32)
         grad_query = torch.empty_like(self.query)
         grad_key = self.key.new_zeros(self.key.shape, dtype=accumulate)
         grad_value = self.value.new_zeros(self.value.shape, dtype=accumulate)
-        if self.version == 1:
-            grad_lambda = self.lambda_.new_zeros((), dtype=accumulate)
-        else:
-            grad_lambda = self.lambda_.new_empty(batch, h_kv, seq_len, groups)
+        rowsums = self._pairs(self.query.new_empty(slabs, seq_len * per_token, 1), seq_len)  # e_s of every row
         products = torch.empty_like(self.scores)  # P ∘ dM, then dS
         for start, stop, probs, maps in self.chunks():
             rows, seen = stop - start, stop
@@ -152,38 +157,35 @@ class _Chunks:
             torch.bmm(output_rows, self.value[:, :seen].transpose(1, 2), out=maps)  # dM = dO Vᵀ, over M
             grads = products[: probs.numel()].view_as(probs)
             # Both maps of a head against their one dM: (B·h_kv, 2, rows·G, seen) or (B, h_kv, rows, G, 2, seen)
-            by_map, dm = self._pairs(probs, rows), self._pairs(maps, rows, maps=1)
-            grads_by_map = self._pairs(grads, rows)
-            torch.mul(by_map, dm, out=grads_by_map)
-            rowsums = grads_by_map.sum(-1, keepdim=True)  # e_s = rowsum(P_s ∘ dM)
-            grads_by_map.addcmul_(by_map, rowsums, value=-1)  # P_s ∘ (dM − e_s)
-            lambda_ = self._lambda(start, stop)
-            if self.version == 1:
-                grad_lambda -= rowsums[:, 1].sum()
-                scale = torch.stack((torch.ones_like(lambda_), -lambda_)).view(2, 1, 1) * self.scaling  # per map
-            else:
-                grad_lambda[:, :, start:stop] = -rowsums[..., 1, 0]
-                scale = torch.cat((torch.ones_like(lambda_), -lambda_), dim=-1).unsqueeze(-1) * self.scaling
-            # dS_s = scale_s · P_s ∘ (dM − e_s): the scale goes on the rows of Q (for dK) and of dQ, not on dS
-            chunk = self.query[:, start * per_token : stop * per_token]
-            scaled = (self._pairs(chunk, rows) * scale).view(slabs, rows * per_token, d)
-            _add_product(grad_key[:, :seen], grads.transpose(1, 2), scaled)  # dK += dSᵀ Q
-            grad_chunk = grad_query[:, start * per_token : stop * per_token]
-            torch.bmm(grads, self.key[:, :seen], out=grad_chunk)  # dQ = dS K
-            self._pairs(grad_chunk, rows).mul_(scale)
+            by_map, grads_by_map = self._pairs(probs, rows), self._pairs(grads, rows)
+            torch.mul(by_map, self._pairs(maps, rows, maps=1), out=grads_by_map)
+            chunk_rowsums = self._rows(rowsums, start, stop)
+            torch.sum(grads_by_map, dim=-1, keepdim=True, out=chunk_rowsums)  # e_s = rowsum(P_s ∘ dM)
+            grads_by_map.addcmul_(by_map, chunk_rowsums, value=-1)  # P_s ∘ (dM − e_s)
+            chunk = slice(start * per_token, stop * per_token)
+            _add_product(grad_key[:, :seen], grads.transpose(1, 2), scaled_query[:, chunk])  # dK += dSᵀ Q
+            torch.bmm(grads, self.key[:, :seen], out=grad_query[:, chunk])  # dQ = dS K, scaled below
+        self._pairs(grad_query, seq_len).mul_(scale)
 
+        grad_lambda = -rowsums.select(self.map_axis, 1)  # dλ = −e_2
         if self.version == 1:
             grad_query = grad_query.view(batch, h_kv, 2, seq_len, groups, d).permute(0, 3, 1, 4, 2, 5)
             grad_key = grad_key.view(batch, h_kv, 2, length, d).transpose(2, 3)  # (B, h_kv, S, 2, d)
+            grad_lambda = grad_lambda.sum(dtype=accumulate)
         else:
             grad_query = grad_query.view(batch, h_kv, 1, seq_len, 2 * groups, d).permute(0, 3, 1, 2, 4, 5)
-            grad_lambda = grad_lambda.transpose(1, 2).reshape(batch, seq_len, h, 1)
+            grad_lambda = grad_lambda.transpose(1, 2).reshape(batch, seq_len, h, 1)  # (B, h_kv, T, G, 1) before
         return (
             grad_query.reshape(batch, seq_len, 2 * h, d),
             grad_key.reshape(batch, h_kv, length, -1).to(self.key.dtype),
             grad_value.view(batch, h_kv, length, width).to(self.value.dtype),
             grad_lambda.to(self.lambda_.dtype),
         )
+
+    def _rows(self, by_map: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The rows of tokens start..stop of a `_pairs` view over all tokens."""
+        groups = self.shape[4]
+        return by_map[:, :, start * groups : stop * groups] if self.version == 1 else by_map[:, :, start:stop]
 
     def _pairs(self, rows_by_slab: torch.Tensor, rows: int, maps: int = 2) -> torch.Tensor:
         """(slabs, rows·maps per key map, n) with the map axis made explicit: version 1 (B·h_kv, maps, rows·G, n),

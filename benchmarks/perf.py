@@ -13,6 +13,11 @@ peak memory of each, and the attention layer alone; warms up, repeats round-robi
 load then hits them alike), reports the median, and writes JSON, a
 markdown table and a PNG plot. Every figure is also printed as a ratio to the Llama's.
 
+Peak training memory (`train_peak_N`) comes from a fresh process per model, which builds the model and takes one
+training step of N tokens: its peak resident set (the kernel's high-water mark, `getrusage`'s `ru_maxrss`) above
+its resident set before the model existed, so weights, gradients and activations, and nothing an earlier workload
+left in the allocator. On CUDA: the allocator's peak in that process.
+
     python benchmarks/perf.py                      # the ~100M-parameter CPU preset, fp32 and bf16
     python benchmarks/perf.py --preset tiny        # a seconds-long smoke run
 """
@@ -22,7 +27,9 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -59,14 +66,15 @@ class Preset:
     train_length: int
     attention_length: int
     repeats: int
+    train_peak_length: int
 
 
 PRESETS = {
     # ~100M parameters (tied embeddings): hidden 768, 12 layers, 12 heads of 64 over 4 KV heads
-    "cpu-100m": Preset(768, 12, 12, 4, 2048, 32000, (512, 2048, 4096), 512, 128, 1024, 2048, 3),
+    "cpu-100m": Preset(768, 12, 12, 4, 2048, 32000, (512, 2048, 4096), 512, 128, 1024, 2048, 3, 2048),
     # ~1B parameters, for a GPU
-    "gpu-1b": Preset(2048, 16, 32, 8, 8192, 32000, (512, 2048, 4096), 512, 128, 4096, 4096, 5),
-    "tiny": Preset(64, 2, 4, 2, 128, 256, (32, 64), 16, 8, 32, 64, 2),
+    "gpu-1b": Preset(2048, 16, 32, 8, 8192, 32000, (512, 2048, 4096), 512, 128, 4096, 4096, 5, 4096),
+    "tiny": Preset(64, 2, 4, 2, 128, 256, (32, 64), 16, 8, 32, 64, 2, 64),
 }
 
 
@@ -192,6 +200,36 @@ def attention_alone(model, length: int, device: str):
     return lambda: layer(hidden, position_embeddings=position_embeddings, attention_mask=None)
 
 
+def training_peak_bytes(name: str, preset_name: str, dtype_name: str, device: str) -> int:
+    """Peak memory of one training step of `train_peak_length` tokens, measured in a fresh process (module
+    docstring)."""
+    command = [sys.executable, __file__, "--train-peak-child", name, "--preset", preset_name, "--dtypes", dtype_name]
+    child = subprocess.run(command + ["--device", device], capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"the peak-memory process for {name} failed:\n{child.stderr[-3000:]}")
+    return int(json.loads(child.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def _train_peak_child(name: str, preset: Preset, dtype_name: str, device: str) -> None:
+    """In the fresh process: build the model, take one training step, print the peak above the start as JSON."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        import psutil
+
+        start = psutil.Process().memory_info().rss
+    torch.manual_seed(0)
+    model = build(name, preset, DTYPES[dtype_name], device).train()
+    train_step(model, preset.train_peak_length, device)()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"peak_bytes": peak - start}))
+
+
 @dataclass
 class Result:
     model: str
@@ -228,9 +266,18 @@ def _all_workloads(preset: Preset, device: str, skip_train: bool):
 
 
 def measure(
-    names: list[str], preset: Preset, dtype_name: str, device: str, skip_train: bool, only: tuple[str, ...] = ()
+    names: list[str],
+    preset_name: str,
+    preset: Preset,
+    dtype_name: str,
+    device: str,
+    skip_train: bool,
+    only: tuple[str, ...] = (),
+    skip_train_peak: bool = False,
+    progress=None,
 ) -> list[Result]:
-    """Every model on every workload, repeats taken round-robin so that background load hits all models alike."""
+    """Every model on every workload, repeats taken round-robin so that background load hits all models alike; then
+    peak training memory, one fresh process per model. `progress` gets the results so far after every figure."""
     models = {}
     for name in names:
         torch.manual_seed(0)
@@ -267,6 +314,15 @@ def measure(
         for model in models.values():
             model.zero_grad(set_to_none=True)
         gc.collect()
+        if progress:
+            progress(list(results.values()))
+    figure = f"train_peak_{preset.train_peak_length}"
+    if not (skip_train or skip_train_peak) and (not only or figure.startswith(only)):
+        for name in tqdm(models, desc=f"{dtype_name} {figure}"):
+            peak = training_peak_bytes(name, preset_name, dtype_name, device)
+            results[name].figures[figure] = {"value": peak, "unit": "B", "peak_bytes": peak, "seconds": []}
+            if progress:
+                progress(list(results.values()))
     return list(results.values())
 
 
@@ -291,18 +347,20 @@ def markdown(results: list[Result]) -> str:
                 if f not in r.figures:
                     cells.append("n/a")
                     continue
-                value = r.figures[f]["value"]
-                text = f"{value:.3g} tok/s" if r.figures[f]["unit"] == "tok/s" else f"{value * 1e3:.3g} ms"
+                value, unit = r.figures[f]["value"], r.figures[f]["unit"]
+                texts = {"tok/s": f"{value:.3g} tok/s", "B": f"{value / 2**20:.0f} MiB"}
+                text = texts.get(unit, f"{value * 1e3:.3g} ms")
                 cells.append(f"{text} ({ratio(r, baseline, f):.2f}×)")
             lines.append(
                 f"| {r.model} | {r.parameters / 1e6:.1f}M | {r.kv_cache_bytes_per_token} | " + " | ".join(cells) + " |"
             )
         lines.append("\nPeak memory above the start of each measurement (MiB, ratio to Llama):\n")
-        lines.append("| model | " + " | ".join(figures) + " |")
-        lines.append("|---" * (len(figures) + 1) + "|")
+        timed = [f for f in figures if baseline.figures[f]["unit"] != "B"]  # train_peak is its own figure above
+        lines.append("| model | " + " | ".join(timed) + " |")
+        lines.append("|---" * (len(timed) + 1) + "|")
         for r in group:
             cells = []
-            for f in figures:
+            for f in timed:
                 peak, base = r.figures[f]["peak_bytes"], baseline.figures[f]["peak_bytes"]
                 # On CPU this is RSS growth: memory the allocator already holds from an earlier workload does not
                 # show, so a ratio against a near-zero baseline would mean nothing.
@@ -346,33 +404,48 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, help="override the preset's repeat count")
-    parser.add_argument("--skip-train", action="store_true", help="leave out the training step")
+    parser.add_argument("--skip-train", action="store_true", help="leave out the training step and its peak memory")
+    parser.add_argument("--skip-train-peak", action="store_true", help="leave out the peak training memory only")
     parser.add_argument("--only", nargs="+", default=[], help="measure only figures starting with these, e.g. decode")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "perf")
+    parser.add_argument("--train-peak-child", choices=MODELS, help=argparse.SUPPRESS)  # see training_peak_bytes
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.train_peak_child:
+        _train_peak_child(args.train_peak_child, preset, args.dtypes[0], args.device)
+        return 0
     if args.repeats:
         preset.repeats = args.repeats
     models = ["llama"] + [m for m in args.models if m != "llama"]
 
+    def write_json(results: list[Result], complete: bool) -> None:
+        """After every figure too, so that a long run stopped midway keeps what it measured."""
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "preset": asdict(preset),
+            "device": args.device,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MALLOC_MMAP_THRESHOLD_")},
+            "machine": platform.processor() or platform.machine(),
+            "load_average_at_end": os.getloadavg(),
+            "complete": complete,
+        }
+        data = {"meta": meta, "results": [asdict(r) for r in results]}
+        (args.out / "results.json").write_text(json.dumps(data, indent=1))
+
     results = []
     for dtype in args.dtypes:
-        group = measure(models, preset, dtype, args.device, args.skip_train, tuple(args.only))
+        group = measure(
+            models, args.preset, preset, dtype, args.device, args.skip_train, tuple(args.only), args.skip_train_peak,
+            progress=lambda partial: write_json(results + partial, complete=False),
+        )
         results += group
         for result in group:
             summary = ", ".join(f"{f} {ratio(result, group[0], f):.2f}×" for f in result.figures)
             print(f"[{dtype}] {result.model:18s} {result.parameters / 1e6:6.1f}M params  {summary}", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "preset": asdict(preset),
-        "device": args.device,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "load_average_at_end": os.getloadavg(),
-    }
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
+    write_json(results, complete=True)
     (args.out / "results.md").write_text(markdown(results))
     plot(results, args.out / "results.png")
     print(markdown(results))

@@ -24,16 +24,22 @@ def test_perf_harness_writes_json_markdown_and_plot(tmp_path):
     assert by_model["diff-widened"]["kv_cache_bytes_per_token"] == 2 * llama["kv_cache_bytes_per_token"]
     assert paired["parameters"] - llama["parameters"] == 6 * 16 * 2  # 6·d per layer
     assert set(paired["figures"]) == set(llama["figures"]) >= {"prefill_32", "decode_tokens_per_s", "train_step_32"}
+    # peak training memory, from a fresh process per model: at least the weights and their gradients
+    for result in (llama, paired, v2):
+        assert result["figures"]["train_peak_64"]["value"] >= 2 * 4 * result["parameters"]
     assert "llama" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
     """`benchmarks/gpu_check.sh` end to end at a tiny size on the CPU: the correctness checks pass (with SDPA's
-    chunked and packed CPU paths in place of CUDA's) and the benchmark writes its results."""
-    env = dict(os.environ, DEVICE="cpu", PRESET="tiny", OUT=str(tmp_path))
+    chunked and packed CPU paths in place of CUDA's) and the benchmark writes its results. The script runs this
+    interpreter (PYTHON), here with a PATH that has no `python` at all, as when the suite runs from a virtual
+    environment's interpreter without that environment on PATH."""
+    env = dict(os.environ, DEVICE="cpu", PRESET="tiny", OUT=str(tmp_path), PYTHON=sys.executable, PATH="/usr/bin:/bin")
+    env.update(CHECKS_SECONDS="600", BENCH_SECONDS="600")  # the GPU's time budget is not the point here
     result = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=900
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=1500
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checks = json.loads((tmp_path / "cuda_checks.json").read_text())
@@ -41,3 +47,18 @@ def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
     assert len(checks["checks"]) == 8  # 2 versions × fp32/bf16 × unpadded/padded, SDPA
     assert all(check["ok"] for check in checks["checks"]), checks["checks"]
     assert {r["model"] for r in json.loads((tmp_path / "perf" / "results.json").read_text())["results"]} >= {"llama"}
+
+
+def test_malloc_benchmark_compares_allocator_settings_in_subprocesses(tmp_path):
+    """`benchmarks/malloc_env.py` at a tiny size: one process per allocator setting, faults and time written."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "malloc_env.py"), "--preset", "tiny", "--length", "32",
+         "--rounds", "1", "--prefills", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert {"glibc", "glibc-tuned"} <= set(summary)
+    assert summary["glibc-tuned"]["environment"]["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2**20)
+    assert all(row["seconds_per_prefill"] > 0 and row["minor_faults_per_prefill"] >= 0 for row in summary.values())
+    assert "glibc-tuned" in (tmp_path / "results.md").read_text()
