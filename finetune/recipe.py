@@ -329,6 +329,9 @@ def finetune(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {base.config.vocab_size}"
         )
     base.config.use_cache = False  # a training forward pass has no use for a cache, and checkpointing refuses one
+    refused = _foreign_code(model) if not trust_remote_code else []
+    if refused:
+        logger.warning(f"{model} names its own code ({'; '.join(refused)}); it was not run: the installed classes were used")
 
     # Seeded before the adapter exists: LoRA's A matrices are drawn when it is built.
     torch.manual_seed(seed)
@@ -437,6 +440,16 @@ def finetune(
         RUN_MANIFEST.write(output, facts, files=written)
         logger.info(f"wrote {output / METRICS_FILE}")
     return metrics
+
+
+def _foreign_code(model: str) -> list[str]:
+    """The `auto_map` entries of a model folder's config that point at code other than this project's."""
+    path = Path(model) / "config.json"
+    try:
+        auto_map = json.loads(path.read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f"{key} -> {value}" for key, value in auto_map.items() if AUTO_MAP.get(key) != value]
 
 
 def _drop_foreign_code(config) -> None:

@@ -53,12 +53,14 @@ def _booby_trapped_checkpoint(folder, marker, tokenizer):
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def test_finetune_never_runs_a_checkpoints_own_code(tmp_path, data_dir, tokenizer):
+def test_finetune_never_runs_a_checkpoints_own_code(tmp_path, data_dir, tokenizer, caplog):
     folder, marker = tmp_path / "trap", tmp_path / "marker"
     _booby_trapped_checkpoint(folder, marker, tokenizer)
+    caplog.set_level("WARNING", logger="finetune")
     metrics = train(folder, tmp_path / "out", data_dir, steps=2)
     assert not marker.exists(), "the checkpoint's auto_map code ran"
     assert metrics["loss_curve"], "the plain Llama trained instead"
+    assert "names its own code (AutoConfig -> evil.EvilConfig" in caplog.text and "it was not run" in caplog.text
 
 
 def test_conversion_never_runs_or_asks_about_a_sources_own_code(tmp_path):
