@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--ablations", nargs="*", choices=ABLATIONS, default=list(ABLATIONS))
     parser.add_argument("--ablation-sizes", nargs="*", default=None, help="default: the first size")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3, 6e-3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the first one sweeps")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=15)
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "block_size", "eval_every", "eval_blocks", "eval_subset", "vocab_size", "tokenizer_chars", "device", "quick")}
     settings["data"] = "stdlib" if args.data is None else str(args.data)
     results = lab.Results(out / "results.json", settings, fresh=args.fresh,
-                          selects=("sizes", "models", "ablations", "ablation_sizes", "seeds"))
+                          selects=("sizes", "models", "ablations", "ablation_sizes", "seeds", "lrs"))
 
     started = time.perf_counter()
     corpus = lab.code_corpus(vocab_size=args.vocab_size, block_size=args.block_size,

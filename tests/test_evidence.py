@@ -3,11 +3,14 @@ is written from its metrics, and the committed results are complete."""
 
 import importlib.util
 import json
+import random
+import shutil
 import statistics
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 BENCHMARKS = ROOT / "benchmarks"
@@ -81,9 +84,17 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_scratch_quick_run_sweeps_pairs_and_resumes(tmp_path):
-    run_script("scratch", "--quick", "--out", str(tmp_path))
-    data = json.loads((tmp_path / "results.json").read_text())
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The smoke runs of scratch.py and retrieval.py, once for the tests that read them (probes.py among them)."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("scratch", "retrieval")}
+    for name, folder in folders.items():
+        run_script(name, "--quick", "--out", str(folder))
+    return folders
+
+
+def test_scratch_quick_run_sweeps_pairs_and_resumes(quick, tmp_path):
+    data = json.loads((quick["scratch"] / "results.json").read_text())
     s = data["settings"]
     kinds = s["models"] + s["ablations"]
     # The sweep on the first seed at every rate, then the other seeds at each model's best
@@ -99,15 +110,138 @@ def test_scratch_quick_run_sweeps_pairs_and_resumes(tmp_path):
     ratio = {kind: summary["models"][kind]["init_attention_ratio"] for kind in kinds}
     assert min(ratio["diff-v1"]) > 2 * max(ratio["llama"])
     assert ratio["diff-v1-gain"] == pytest.approx(ratio["llama"], rel=1e-3)
-    assert "diff-v2 vs llama-wide" in (tmp_path / "results.md").read_text()
+    assert "diff-v2 vs llama-wide" in (quick["scratch"] / "results.md").read_text()
     for plot in ("loss_curves.png", "lr_sweep.png", "trend.png"):
-        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+        assert (quick["scratch"] / plot).read_bytes()[:4] == b"\x89PNG"
     # Resume: a run taken out of the file is the only one trained again
     key = sorted(data["runs"])[-1]
     del data["runs"][key]
-    (tmp_path / "results.json").write_text(json.dumps(data))
-    again = run_script("scratch", "--quick", "--out", str(tmp_path))
+    shutil.copytree(quick["scratch"], tmp_path / "resumed", ignore=shutil.ignore_patterns("checkpoints"))
+    (tmp_path / "resumed" / "results.json").write_text(json.dumps(data))
+    again = run_script("scratch", "--quick", "--out", str(tmp_path / "resumed"))
     assert again.stdout.count("[scratch] done ") == 1 and f"done {key}" in again.stdout
+
+
+@pytest.fixture(scope="module")
+def retrieval():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module("retrieval")
+
+
+@pytest.mark.parametrize(("length", "distractors"), [(64, 0), (64, 4), (256, 8)])
+def test_retrieval_examples_hide_the_records_they_query(retrieval, length, distractors):
+    example = retrieval.make_example(random.Random(length + distractors), length, distractors)
+    records = example.records
+    assert len(records) == distractors + 1
+    context = example.tokens[1 : length + 1]
+    assert example.tokens[0] == retrieval.BOS and len(context) == length
+    assert all(token in retrieval.FILLER or token in retrieval.KEY_SYMBOLS or token in retrieval.VALUE_SYMBOLS
+               or token == retrieval.END for token in context)
+    keys = [key for _, key, _ in records]
+    assert len({tuple(key) for key in keys}) == len(keys)
+    # every key shares at least its first symbol with all the others (the distractors share a prefix)
+    assert len({key[0] for key in keys}) == 1
+    for start, key, value in records:
+        assert example.tokens[start : start + retrieval.RECORD] == key + value + [retrieval.END]
+    assert len(example.queries) == min(retrieval.MAX_QUERIES, len(records))
+    batch = retrieval.collate([example])
+    labelled = (batch["labels"][0] != -100).nonzero().flatten().tolist()
+    expected = []
+    for position, index in example.queries:
+        assert example.tokens[position - retrieval.KEY_LENGTH : position + 1] == [retrieval.QUERY] + records[index][1]
+        expected += [position + 1, position + 2]
+        assert example.tokens[position + 1 : position + 3] == records[index][2]
+    assert labelled == expected
+
+
+def test_retrieval_refuses_distractors_that_do_not_fit(retrieval):
+    with pytest.raises(ValueError, match="do not fit in a context of 32 tokens"):
+        retrieval.make_example(random.Random(0), 32, 8)
+
+
+def test_retrieval_quick_run_writes_results(quick):
+    data = json.loads((quick["retrieval"] / "results.json").read_text())
+    s = data["settings"]
+    assert len(data["runs"]) == len(s["models"]) * (len(s["lrs"]) + len(s["seeds"]) - 1)
+    cells = {f"{length}/{d}" for length in s["lengths"] for d in s["eval_distractors"]
+             if d <= int(length * 0.6) // 6 - 1}
+    for run in data["runs"].values():
+        assert set(run["grid"]) == cells and all(0 <= c["accuracy"] <= 1 for c in run["grid"].values())
+    assert "diff-v2 vs llama-wide" in (quick["retrieval"] / "results.md").read_text()
+    assert (quick["retrieval"] / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def probes():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module("probes")
+
+
+@pytest.mark.parametrize("kind", ["llama", "diff-v1", "diff-v2"])
+def test_logit_probe_reproduces_the_eager_maps(lab, probes, kind):
+    """The hook's q·k/√d, softmaxed and combined as the model combines its maps, gives the eager attention maps:
+    so the logits are the model's own (GQA included: 4 heads over 2 key/value heads)."""
+    shape = lab.Shape.parse("64x2x4")
+    config = lab.model_config(kind, shape, vocab_size=100, max_positions=32)
+    config.num_key_value_heads = config.num_attention_heads // 2
+    torch.manual_seed(0)
+    model = lab.build_model(config, attn="eager").eval()
+    gates = []
+    if kind == "diff-v2":  # version 2's λ depends on the layer's input: record it
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_pre_hook(
+                lambda module, args, kwargs: gates.append(torch.sigmoid(module.lambda_proj(kwargs["hidden_states"]))),
+                with_kwargs=True)
+    probe = probes.LogitProbe(model)
+    with torch.no_grad():
+        maps = model(input_ids=torch.randint(0, 100, (2, 12)), output_attentions=True).attentions
+    probe.remove()
+    for index, (logits, expected) in enumerate(zip(probe.logits, maps)):
+        weights = logits.softmax(-1)
+        if kind == "llama":
+            combined = weights
+        else:
+            first, second = weights[:, 0::2], weights[:, 1::2]
+            attention = model.model.layers[index].self_attn
+            lam = attention.lambdas() if kind == "diff-v1" else gates[index].transpose(1, 2).unsqueeze(-1)
+            combined = first - lam * second
+        torch.testing.assert_close(combined, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_round_to_nearest_per_channel_and_group(probes):
+    weight = torch.tensor([[1.0, -0.55, 0.26, 0.0], [0.1, 0.25, -0.4, 0.05]])
+    four = probes.round_to_nearest(weight, 4, None)  # 7 levels each side, one scale a row
+    assert four[0].tolist() == pytest.approx([1.0, -4 / 7, 2 / 7, 0.0])
+    assert four[1].tolist() == pytest.approx([0.4 * k / 7 for k in (2, 4, -7, 1)])
+    grouped = probes.round_to_nearest(weight, 4, 2)  # the second half of row 0 gets its own scale
+    assert grouped[0, 2:].tolist() == pytest.approx([0.26, 0.0])
+    wide = torch.randn(16, 64)
+    for bits, group in ((8, None), (6, 32), (4, 32)):
+        step = wide.reshape(16, -1, group or 64).abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+        error = (probes.round_to_nearest(wide, bits, group) - wide).reshape(16, -1, group or 64).abs()
+        assert (error <= step / 2 + 1e-7).all()
+    with pytest.raises(ValueError, match="does not divide"):
+        probes.round_to_nearest(wide, 4, 48)
+
+
+def test_probes_quick_run_reads_the_trained_models(quick, tmp_path):
+    run_script("probes", "--quick", "--scratch-out", str(quick["scratch"]), "--retrieval-out",
+               str(quick["retrieval"]), "--out", str(tmp_path))
+    data = json.loads((tmp_path / "results.json").read_text())
+    scratch = [run for key, run in data["runs"].items() if key.startswith("scratch/")]
+    retrieval_runs = [run for key, run in data["runs"].items() if key.startswith("retrieval/")]
+    assert scratch and retrieval_runs
+    for run in scratch:
+        assert set(run["loss"]) == {"fp32"} | {f"int{b} {g}" for b in (8, 6, 4) for g in ("channel", "group32")}
+        assert run["outliers"]["logit_top"][0] >= run["outliers"]["logit_top"][2]
+    for run in retrieval_runs:
+        assert sum(run["allocation"]["all_layers"]) == pytest.approx(1.0)
+    table = (tmp_path / "results.md").read_text()
+    assert "Attention allocation" in table and "Weight-only quantisation (rtn)" in table
+    for plot in ("attention_maps.png", "quantization.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_recovery_report_from_metrics(tmp_path):
@@ -125,20 +259,31 @@ def test_recovery_report_from_metrics(tmp_path):
     assert (tmp_path / "recovery.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize(("folder", "files"), [("scratch", ("results.json", "results.md", "loss_curves.png")),
-                                               ("recovery", ("results.json", "results.md", "recovery.png"))])
-def test_committed_results_are_complete(folder, files):
-    for name in files:
-        assert (RESULTS / folder / name).is_file(), f"{folder}/{name}: run benchmarks/{folder}.py"
-    data = json.loads((RESULTS / folder / "results.json").read_text())
+def test_committed_recovery_results_are_complete():
+    folder = RESULTS / "recovery"
+    for name in ("results.json", "results.md", "recovery.png"):
+        assert (folder / name).is_file(), f"recovery/{name}: run benchmarks/recovery.py"
+    data = json.loads((folder / "results.json").read_text())
     assert not data["settings"]["quick"]
-    if folder == "scratch":
-        assert len(data["settings"]["seeds"]) >= 3
-        assert all(len(runs) == len(data["settings"]["seeds"]) for runs in data["runs"].values())
-        assert set(data["runs"]) == {"llama", "diff-v1", "diff-v2"}
-    else:
-        assert set(data["runs"]) == {"llama", "widened-preserve", "widened", "v2-preserve"}
-        # Both preserving conversions start as the source's own function.
-        before = {name: run["held_out_perplexity_before"] for name, run in data["runs"].items()}
-        assert before["widened-preserve"] == pytest.approx(before["llama"], rel=1e-3)
-        assert before["v2-preserve"] == pytest.approx(before["llama"], rel=1e-3)
+    assert set(data["runs"]) == {"llama", "widened-preserve", "widened", "v2-preserve"}
+    # Both preserving conversions start as the source's own function.
+    before = {name: run["held_out_perplexity_before"] for name, run in data["runs"].items()}
+    assert before["widened-preserve"] == pytest.approx(before["llama"], rel=1e-3)
+    assert before["v2-preserve"] == pytest.approx(before["llama"], rel=1e-3)
+
+
+def test_committed_scratch_results_are_consistent():
+    """The from-scratch results: two sizes, the four models, each model's rate the best of its sweep, and every
+    model that has its rate trained on the same seeds."""
+    folder = RESULTS / "scratch"
+    for name in ("results.json", "results.md", "loss_curves.png", "lr_sweep.png", "trend.png"):
+        assert (folder / name).is_file(), f"scratch/{name}: run benchmarks/scratch.py"
+    data = json.loads((folder / "results.json").read_text())
+    s = data["settings"]
+    assert not s["quick"] and len(s["sizes"]) >= 2 and len(s["seeds"]) >= 5
+    assert {"llama", "llama-wide", "diff-v1", "diff-v2"} <= set(s["models"])
+    for size, part in data["summary"].items():
+        for kind, model in part["models"].items():
+            if "best_lr" in model:
+                assert set(model["sweep"]) == {str(lr) for lr in s["lrs"]}, (size, kind)
+                assert model["best_lr"] == min(s["lrs"], key=lambda lr: model["sweep"][str(lr)])

@@ -1,0 +1,352 @@
+"""Retrieval among distractors, trained from scratch: Llama against differential attention at equal parameters.
+
+The paper's key-information retrieval and multi-needle claims, at a size this machine trains. A sequence is
+
+    BOS  <context of `length` tokens>  ? k1 k2 k3 v1 v2 ;  ? ...
+
+The context is random filler holding 1 + D records `k1 k2 k3 v1 v2 ;` at random places. Keys are three symbols
+of 64, values two of 16 (256 values, chance 1/256; the two alphabets are disjoint, so no marker separates them).
+The keys all share a prefix (one or two symbols, drawn per key) with one root key, so every record has D
+distractors that agree with it on at least its first symbol. The queries (up to eight, each a different record)
+ask for values; only the query's two value tokens are scored, and a query is correct when both are the argmax. A
+wrong answer that is another record's value counts as a distractor error.
+
+Training samples a length from `--lengths` per batch and the distractor count per sequence from `--distractors`
+(at least one: with a lone record, copying the only value in sight would answer without reading the key; as many
+as fit in 60% of the context); evaluation is a fixed set per (length, distractors) cell, the same for every
+model, with no distractor as one of its cells. Models: `llama` and `diff-v1` (the paper's parameter matching), `llama-wide` and `diff-v2` (the Llama
+with 5/4-wide heads against version 2: `lab.KINDS`), a small learning-rate sweep on the first seed, then the other
+seeds at each model's best.
+
+    python benchmarks/retrieval.py --jobs 2      # the committed results (about an hour on 2 cores)
+    python benchmarks/retrieval.py --quick       # a smoke run
+    python benchmarks/retrieval.py --device cuda --size 256x8x16 --lengths 256 512 1024 2048 --steps 20000
+
+Writes `results.json` (after every run; a rerun resumes), `results.md` and `accuracy.png` to `--out`; checkpoints
+of every run to `cache/` (not committed), which `probes.py` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import lab
+
+OUT = lab.ROOT / "benchmarks" / "results" / "retrieval"
+MODELS = ("llama", "llama-wide", "diff-v1", "diff-v2")
+COMPARISONS = (("diff-v1", "llama"), ("diff-v2", "llama-wide"), ("diff-v2", "llama"), ("llama-wide", "llama"))
+
+# The vocabulary: three markers (and a spare), 64 key symbols, 16 value symbols, 64 filler tokens.
+BOS, END, QUERY = 0, 1, 2
+KEY_SYMBOLS, VALUE_SYMBOLS, FILLER = range(4, 68), range(68, 84), range(84, 148)
+VOCAB_SIZE = 160  # 148 used, rounded up
+KEY_LENGTH, VALUE_LENGTH = 3, 2
+RECORD = KEY_LENGTH + VALUE_LENGTH + 1  # k1 k2 k3 v1 v2 ;
+MAX_QUERIES = 8
+RECORD_SHARE = 0.6  # records fill at most this much of the context
+
+
+def max_distractors(length: int) -> int:
+    return int(length * RECORD_SHARE) // RECORD - 1
+
+
+@dataclass
+class Example:
+    """One sequence and where things are in it (token positions)."""
+
+    tokens: list[int]
+    records: list[tuple[int, list[int], list[int]]]  # (start, key, value) of every record, in context order
+    queries: list[tuple[int, int]] = field(default_factory=list)  # (position of the query's k3, record index)
+
+
+def make_example(rng: random.Random, length: int, distractors: int) -> Example:
+    """BOS, `length` context tokens with 1 + `distractors` records, then up to eight queries of distinct records."""
+    if distractors > max_distractors(length):
+        raise ValueError(f"{distractors} distractors do not fit in a context of {length} tokens "
+                         f"(at most {max_distractors(length)})")
+    root = [rng.choice(KEY_SYMBOLS) for _ in range(KEY_LENGTH)]
+    keys = [root]
+    while len(keys) < distractors + 1:
+        shared = rng.choice((1, 2))  # prefix shared with the first key
+        key = root[:shared] + [rng.choice(KEY_SYMBOLS) for _ in range(KEY_LENGTH - shared)]
+        if key not in keys:
+            keys.append(key)
+    rng.shuffle(keys)
+    values = [[rng.choice(VALUE_SYMBOLS) for _ in range(VALUE_LENGTH)] for _ in keys]
+    # Record starts: choose the filler tokens before each record (a uniform random placement of the records).
+    filler = length - RECORD * len(keys)
+    cuts = sorted(rng.randint(0, filler) for _ in keys)
+    tokens, records, previous = [BOS], [], 0
+    for cut, key, value in zip(cuts, keys, values):
+        tokens += [rng.choice(FILLER) for _ in range(cut - previous)]
+        records.append((len(tokens), key, value))
+        tokens += key + value + [END]
+        previous = cut
+    tokens += [rng.choice(FILLER) for _ in range(filler - previous)]
+    example = Example(tokens, records)
+    for index in rng.sample(range(len(keys)), min(MAX_QUERIES, len(keys))):
+        example.tokens += [QUERY] + records[index][1]
+        example.queries.append((len(example.tokens) - 1, index))
+        example.tokens += records[index][2] + [END]
+    return example
+
+
+def collate(examples: list[Example]) -> dict:
+    """Inputs padded at the end with filler (causal: nothing before it changes); labels on every query token after
+    its "?" (key symbols, value, end), nothing else.
+
+    The query's key symbols are predictable only by looking the keys up among the records (its first symbol is the
+    shared one; the next ones narrow the candidates), so their loss trains the same lookup the answer needs: without
+    it the models settled on a random record's value for thousands of steps (a pilot run).
+    """
+    width = max(len(example.tokens) for example in examples)
+    ids = torch.full((len(examples), width), FILLER[0], dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for row, example in enumerate(examples):
+        ids[row, : len(example.tokens)] = torch.tensor(example.tokens)
+        for position, _ in example.queries:
+            span = slice(position - KEY_LENGTH + 1, position + VALUE_LENGTH + 2)  # k1 .. v2 and ;
+            labels[row, span] = ids[row, span]
+    return {"input_ids": ids, "labels": labels}
+
+
+def training_batches(*, seed: int, batch_size: int, lengths: list[int], distractors: list[int]):
+    rng = random.Random(seed)
+
+    def batch(step: int) -> dict:
+        length = rng.choice(lengths)
+        fits = [d for d in distractors if d <= max_distractors(length)]
+        return collate([make_example(rng, length, rng.choice(fits)) for _ in range(batch_size)])
+
+    return batch
+
+
+def eval_cells(lengths: list[int], distractors: list[int]) -> list[tuple[int, int]]:
+    return [(length, d) for length in lengths for d in distractors if d <= max_distractors(length)]
+
+
+def eval_set(cells: list[tuple[int, int]], per_cell: int, seed: int = 12345) -> dict:
+    """The fixed evaluation examples of each cell (independent of the run's seed)."""
+    return {cell: [make_example(random.Random(f"{seed}/{cell}/{i}"), *cell) for i in range(per_cell)]
+            for cell in cells}
+
+
+@torch.no_grad()
+def score(model, examples: list[Example], batch_size: int = 32) -> dict:
+    """Accuracy (both value tokens the argmax), and the share of queries answered with another record's value."""
+    device = next(model.parameters()).device
+    correct = distracted = total = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        logits = model(input_ids=collate(chunk)["input_ids"].to(device)).logits
+        for row, example in enumerate(chunk):
+            for position, index in example.queries:
+                # the logits at the query's last key symbol and at v1 predict v1 and v2
+                answer = logits[row, position : position + VALUE_LENGTH].argmax(-1).tolist()
+                correct += answer == example.records[index][2]
+                distracted += answer != example.records[index][2] and any(
+                    answer == value for i, (_, _, value) in enumerate(example.records) if i != index)
+                total += 1
+    return {"accuracy": correct / total, "distractor_errors": distracted / total, "queries": total}
+
+
+def run_key(kind: str, lr: float, seed: int) -> str:
+    return f"{kind}/lr{lr:g}/seed{seed}"
+
+
+def run(task: dict) -> dict:
+    shape = lab.Shape.parse(task["size"])
+    config = lab.model_config(task["kind"], shape, vocab_size=VOCAB_SIZE, max_positions=task["max_positions"])
+    torch.manual_seed(task["seed"])
+    model = lab.build_model(config, device=task["device"])
+    cells = eval_cells(task["lengths"], task["eval_distractors"])
+    examples = eval_set(cells, task["eval_examples"])
+    probe = [example for cell in cells for example in examples[cell][: task["probe_examples"]]]
+    batches = training_batches(seed=task["seed"], batch_size=task["batch_size"], lengths=task["lengths"],
+                               distractors=task["distractors"])
+    record = lab.train(model, batches, steps=task["steps"], lr=task["lr"], warmup=task["warmup"],
+                       evaluate=lambda m: score(m, probe)["accuracy"],
+                       eval_steps=range(task["eval_every"], task["steps"] + 1, task["eval_every"]))
+    grid = {f"{length}/{d}": score(model, examples[(length, d)]) for length, d in cells}
+    accuracy = statistics.fmean(cell["accuracy"] for cell in grid.values())
+    if task.get("checkpoint"):
+        lab.save_checkpoint(model, Path(task["checkpoint"]), kind=task["kind"], lr=task["lr"], seed=task["seed"])
+    print(f"[retrieval] {task['kind']} lr {task['lr']:g} seed {task['seed']}: accuracy {accuracy:.3f} "
+          f"({record['seconds']:.0f} s)", flush=True)
+    return {**{key: task[key] for key in ("kind", "lr", "seed")}, "accuracy": accuracy, "grid": grid,
+            "parameters": lab.count(model), **record}
+
+
+def planner(settings: dict, results: lab.Results, base_task: dict, cache: Path):
+    def task(kind, lr, seed):
+        key = run_key(kind, lr, seed)
+        checkpoint = cache / "checkpoints" / (key.replace("/", "_") + ".pt")
+        return key, {**base_task, "kind": kind, "lr": lr, "seed": seed, "checkpoint": str(checkpoint)}
+
+    def plan():
+        first = settings["seeds"][0]
+        pending = [task(kind, lr, first) for kind in settings["models"] for lr in settings["lrs"]]
+        chosen = {kind: best_lr(results.runs, kind, settings["lrs"], first) for kind in settings["models"]}
+        pending += [task(kind, lr, seed) for seed in settings["seeds"][1:] for kind, lr in chosen.items()
+                    if lr is not None]
+        return [(key, job) for key, job in pending if key not in results]
+
+    return plan
+
+
+def best_lr(runs: dict, kind: str, lrs: list[float], seed: int) -> float | None:
+    """The rate of the highest mean accuracy on the first seed (ties: the lower final training loss)."""
+    chosen = [runs.get(run_key(kind, lr, seed)) for lr in lrs]
+    if any(run is None for run in chosen):
+        return None
+    scores = {lr: (run["accuracy"], -statistics.fmean(run["train_loss_curve"][-50:])) for lr, run in zip(lrs, chosen)}
+    return max(scores, key=scores.get)
+
+
+def summarise(settings: dict, runs: dict) -> dict:
+    models, first = {}, settings["seeds"][0]
+    for kind in settings["models"]:
+        sweep = {lr: runs[key]["accuracy"] for lr in settings["lrs"] if (key := run_key(kind, lr, first)) in runs}
+        lr = best_lr(runs, kind, settings["lrs"], first)
+        if lr is None:
+            models[kind] = {"sweep": sweep}
+            continue
+        chosen = {seed: runs[key] for seed in settings["seeds"] if (key := run_key(kind, lr, seed)) in runs}
+        cells = {cell: lab.mean_std([run["grid"][cell]["accuracy"] for run in chosen.values()])
+                 for cell in next(iter(chosen.values()))["grid"]}
+        models[kind] = {
+            "sweep": sweep, "best_lr": lr, "accuracy_by_seed": {s: r["accuracy"] for s, r in chosen.items()},
+            "accuracy_mean": lab.mean_std([r["accuracy"] for r in chosen.values()])[0],
+            "accuracy_std": lab.mean_std([r["accuracy"] for r in chosen.values()])[1],
+            "distractor_errors_mean": statistics.fmean(
+                statistics.fmean(cell["distractor_errors"] for cell in r["grid"].values()) for r in chosen.values()),
+            "cells": {cell: {"mean": m, "std": s} for cell, (m, s) in cells.items()},
+            "parameters": next(iter(chosen.values()))["parameters"],
+        }
+    comparisons = {}
+    for model, reference in COMPARISONS:
+        if "accuracy_by_seed" in models.get(model, {}) and "accuracy_by_seed" in models.get(reference, {}):
+            # paired on error rates (lower is better), so "wins" counts seeds where the model is more accurate
+            errors = {kind: {seed: 1 - a for seed, a in models[kind]["accuracy_by_seed"].items()}
+                      for kind in (model, reference)}
+            comparisons[f"{model} vs {reference}"] = lab.paired(errors[model], errors[reference])
+    return {"models": models, "comparisons": comparisons}
+
+
+def write_report(results: lab.Results, out: Path) -> None:
+    settings = results.data["settings"]
+    summary = summarise(settings, results.runs)
+    results.put("summary", summary)
+    s = settings
+    lines = [
+        f"Retrieval among distractors from scratch: {s['size']} (hidden × layers × Llama heads), {s['steps']} steps "
+        f"of {s['batch_size']} sequences, context lengths {', '.join(map(str, s['lengths']))}, "
+        f"{', '.join(map(str, s['distractors']))} distractors sharing a key prefix; learning rates "
+        f"{', '.join(f'{lr:g}' for lr in s['lrs'])} on seed {s['seeds'][0]}, seeds "
+        f"{', '.join(map(str, s['seeds'][1:]))} at each model's best; {s['eval_examples']} fixed evaluation "
+        "sequences per cell (up to 4 queries each), accuracy = both value tokens right.", "",
+        lab.markdown_table(
+            ["model", "non-embedding parameters", "accuracy by lr (seed 0)", "best lr", "seeds",
+             "accuracy (mean ± std over seeds, all cells)", "answers that are a distractor's value"],
+            [[kind, f"{m['parameters']['non_embedding']:,}" if "parameters" in m else "–",
+              " / ".join(f"{m['sweep'][lr]:.3f}" if lr in m["sweep"] else "–" for lr in s["lrs"]),
+              f"{m['best_lr']:g}" if "best_lr" in m else "–", len(m.get("accuracy_by_seed", {})),
+              f"{m['accuracy_mean']:.3f} ± {m['accuracy_std']:.3f}" if "best_lr" in m else "–",
+              f"{m['distractor_errors_mean']:.3f}" if "best_lr" in m else "–"]
+             for kind, m in summary["models"].items()]), "",
+        "Accuracy by cell (context length / distractors), mean ± std over seeds:", "",
+    ]
+    done = {kind: m for kind, m in summary["models"].items() if "cells" in m}
+    if done:
+        cells = list(next(iter(done.values()))["cells"])
+        lines.append(lab.markdown_table(
+            ["length / distractors"] + list(done),
+            [[cell] + [f"{m['cells'][cell]['mean']:.3f} ± {m['cells'][cell]['std']:.3f}" for m in done.values()]
+             for cell in cells]))
+    lines += ["", "Paired by seed, error-rate difference (negative: the first model is more accurate):", "",
+              lab.markdown_table(["comparison", "Δ error (mean ± 95% CI)", "seeds more accurate"],
+                                 [[name, f"{c['mean_difference']:+.3f} ± {c['ci95']:.3f}", f"{c['wins']}/{c['n']}"]
+                                  for name, c in summary["comparisons"].items()]), ""]
+    (out / "results.md").write_text("\n".join(lines))
+    plot(summary, settings, out)
+
+
+def plot(summary: dict, settings: dict, out: Path) -> None:
+    plt = lab.pyplot()
+    done = {kind: m for kind, m in summary["models"].items() if "cells" in m}
+    figure, (by_length, by_distractors) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for kind, m in done.items():
+        cells = {tuple(map(int, cell.split("/"))): value for cell, value in m["cells"].items()}
+        top = max(d for _, d in cells)
+        lengths = sorted({length for length, d in cells if d == top})
+        line, = by_length.plot(lengths, [cells[(length, top)]["mean"] for length in lengths], marker="o",
+                               label=f"{kind}, {top} distractors")
+        longest = max(length for length, _ in cells)
+        counts = sorted(d for length, d in cells if length == longest)
+        by_distractors.errorbar(counts, [cells[(longest, d)]["mean"] for d in counts],
+                                yerr=[cells[(longest, d)]["std"] for d in counts], marker="o", capsize=3,
+                                color=line.get_color(), label=f"{kind}, length {longest}")
+    by_length.set(xscale="log", xlabel="context length (tokens)", ylabel="accuracy (mean of seeds)", ylim=(0, 1.02))
+    by_distractors.set(xlabel="distractor records", ylabel="accuracy (mean ± std of seeds)", ylim=(0, 1.02))
+    for axis in (by_length, by_distractors):
+        axis.legend(fontsize=8)
+    figure.suptitle(f"Retrieval among distractors, from scratch ({settings['size']})")
+    figure.tight_layout()
+    figure.savefig(out / "accuracy.png", dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--size", default="128x4x8", help="HIDDENxLAYERSxHEADS")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the first one sweeps")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256], help="context lengths (tokens)")
+    parser.add_argument("--distractors", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="distractor counts training draws from")
+    parser.add_argument("--eval-distractors", type=int, nargs="+", default=[0, 2, 4, 8])
+    parser.add_argument("--eval-examples", type=int, default=200, help="fixed sequences per evaluation cell")
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--probe-examples", type=int, default=20, help="per cell, for the curve during training")
+    lab.add_common_arguments(parser, out=OUT)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.lrs, args.seeds, args.steps, args.warmup, args.eval_every = "64x2x4", [1e-3, 3e-3], [0, 1], 4, 1, 2
+        args.lengths, args.distractors, args.eval_distractors = [32, 64], [1, 2], [0, 2]
+        args.eval_examples, args.probe_examples, args.batch_size = 8, 2, 4
+    args.size = str(lab.Shape.parse(args.size))
+    out = lab.setup(args, out=OUT)
+    settings = {name: getattr(args, name) for name in (
+        "size", "models", "lrs", "seeds", "steps", "warmup", "batch_size", "lengths", "distractors",
+        "eval_distractors", "eval_examples", "eval_every", "probe_examples", "device", "quick")}
+    results = lab.Results(out / "results.json", settings, fresh=args.fresh, selects=("models", "seeds"))
+    results.put("environment", lab.environment())
+    longest = max(args.lengths) + 1 + MAX_QUERIES * (RECORD + 1)
+    base_task = {name: getattr(args, name) for name in (
+        "size", "steps", "warmup", "batch_size", "lengths", "distractors", "eval_distractors", "eval_examples",
+        "eval_every", "probe_examples", "device")}
+    base_task["max_positions"] = longest
+    started = time.perf_counter()
+    lab.execute(planner(settings, results, base_task, out / "cache"), run, results, jobs=args.jobs,
+                threads=args.threads, log=lambda line: print(f"[retrieval] {line}", flush=True),
+                after=lambda: write_report(results, out))
+    write_report(results, out)
+    print(f"[retrieval] wrote {out} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
