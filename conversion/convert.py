@@ -335,8 +335,9 @@ def _check_finite(name: str, converted: torch.Tensor, *, source: torch.Tensor) -
     largest = source.abs().max().item()
     limit = torch.finfo(converted.dtype).max
     raise ConversionError(
-        f"{name!r} comes from source values up to {largest:.4g}, beyond {str(converted.dtype).removeprefix('torch.')}'s range "
-        f"(±{limit:.4g}): they would be written as inf; use --dtype bfloat16 or float32."
+        f"{name!r} comes from source values up to {largest:.4g}, beyond "
+        f"{str(converted.dtype).removeprefix('torch.')}'s range (±{limit:.4g}): they would be written as inf; use "
+        "--dtype bfloat16 or float32."
     )
 
 

@@ -284,7 +284,8 @@ def resolve(source: str | Path | None, *, progress: bool = True) -> Source:
         return _with_config(Source(name=str(source), folder=folder, gguf_file=path.name, progress=progress))
     if path.is_dir():
         folder = path.absolute()
-        return _with_config(Source(name=str(source), folder=folder, shard_files=_shard_files(folder), progress=progress))
+        source = Source(name=str(source), folder=folder, shard_files=_shard_files(folder), progress=progress)
+        return _with_config(source)
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise ConversionError(
             f"source {source} is not a model folder, a .gguf file or a Hub id (owner/name): check the path."
@@ -387,7 +388,9 @@ def _check_raw_config(path: Path) -> None:
     except (OSError, ValueError):
         return  # transformers' own message names the file
     if not isinstance(raw, dict):
-        raise ConversionError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields: re-download it.")
+        raise ConversionError(
+            f"{path} holds a JSON {type(raw).__name__}, not an object of config fields: re-download it."
+        )
     for name in POSITIVE_FIELDS:
         value = raw.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
@@ -406,7 +409,8 @@ def check_source_config(config, *, where) -> None:
             continue  # Llama's default: as many as the query heads
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConversionError(f"{where}: {name} is {value!r}; it must be a positive whole number.")
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % kv_heads:
         raise ConversionError(
             f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})."

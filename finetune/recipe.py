@@ -115,7 +115,8 @@ def _resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
         json.loads(state.read_text())["global_step"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
-            f"{state} is damaged ({type(error).__name__}: {error}): resume from an earlier checkpoint or start a new run"
+            f"{state} is damaged ({type(error).__name__}: {error}): resume from an earlier checkpoint or start a "
+            "new run"
         ) from error
     return last
 
@@ -146,7 +147,8 @@ def resolve_model(model: str | Path) -> str:
         except ValueError:
             pass
     raise FileNotFoundError(
-        f"model folder {model} does not exist" + (" and is not a Hub id in the local cache" if looks_like_hub_id else "")
+        f"model folder {model} does not exist"
+        + (" and is not a Hub id in the local cache" if looks_like_hub_id else "")
         + ": pass the folder a conversion wrote (e.g. out/SmolLM2-135M-Instruct-v2) or a downloaded model"
     )
 
@@ -291,8 +293,13 @@ def finetune(
     output = Path(output).expanduser().absolute()
     data = default_data_dir() if data is None else Path(data)
     _check_positive(
-        steps=steps, block_size=block_size, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-        eval_tokens=eval_tokens, max_train_tokens=max_train_tokens, lora_r=lora_r, save_steps=save_steps,
+        steps=steps,
+        batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        eval_tokens=eval_tokens,
+        max_train_tokens=max_train_tokens,
+        lora_r=lora_r,
+        save_steps=save_steps,
         log_every=log_every,
     )
     _check_positive(lora_alpha=lora_alpha)
@@ -331,7 +338,8 @@ def finetune(
     base.config.use_cache = False  # a training forward pass has no use for a cache, and checkpointing refuses one
     refused = _foreign_code(model) if not trust_remote_code else []
     if refused:
-        logger.warning(f"{model} names its own code ({'; '.join(refused)}); it was not run: the installed classes were used")
+        names = "; ".join(refused)
+        logger.warning(f"{model} names its own code ({names}); it was not run: the installed classes were used")
 
     # Seeded before the adapter exists: LoRA's A matrices are drawn when it is built.
     torch.manual_seed(seed)

@@ -2,7 +2,6 @@
 write, an old output whose replacement was interrupted, a model folder given to `finetune` as its output."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
