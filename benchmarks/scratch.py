@@ -144,6 +144,11 @@ def best_lr(runs: dict, size: str, kind: str, lrs: list[float], seed: int) -> fl
     return min(losses, key=losses.get)
 
 
+def size_lrs(settings: dict, size: str) -> list[float]:
+    """The learning rates swept at `size`: `--size-lrs` where it names the size, else `--lrs`."""
+    return settings["size_lrs"].get(size, settings["lrs"])
+
+
 def grid(settings: dict) -> list[tuple[str, list[str]]]:
     """(size, kinds) in the order they run: every size's main models, the ablations at their sizes."""
     return [(size, settings["models"] + [kind for kind in settings["ablations"]
@@ -162,8 +167,9 @@ def planner(settings: dict, results: lab.Results, base_task: dict, cache: Path):
         pending = []
         first, others = settings["seeds"][0], settings["seeds"][1:]
         for size, kinds in grid(settings):
-            pending += [task(size, kind, lr, first) for kind in kinds for lr in settings["lrs"]]
-            chosen = {kind: best_lr(results.runs, size, kind, settings["lrs"], first) for kind in kinds}
+            lrs = size_lrs(settings, size)
+            pending += [task(size, kind, lr, first) for kind in kinds for lr in lrs]
+            chosen = {kind: best_lr(results.runs, size, kind, lrs, first) for kind in kinds}
             # seed by seed, so that an interrupted run holds whole seeds
             pending += [task(size, kind, lr, seed) for seed in others for kind, lr in chosen.items() if lr is not None]
         return [(key, job) for key, job in pending if key not in results]
@@ -180,9 +186,10 @@ def summarise(settings: dict, runs: dict) -> dict:
     for size, kinds in grid(settings):
         models = {}
         for kind in kinds:
-            sweep = {lr: runs[key]["held_out_loss"] for lr in settings["lrs"]
+            lrs = size_lrs(settings, size)
+            sweep = {lr: runs[key]["held_out_loss"] for lr in lrs
                      if (key := run_key(size, kind, lr, settings["seeds"][0])) in runs}
-            lr = best_lr(runs, size, kind, settings["lrs"], settings["seeds"][0])
+            lr = best_lr(runs, size, kind, lrs, settings["seeds"][0])
             if lr is None:
                 models[kind] = {"sweep": sweep}
                 continue
@@ -191,7 +198,7 @@ def summarise(settings: dict, runs: dict) -> dict:
             first = runs[run_key(size, kind, lr, settings["seeds"][0])]
             perplexities = [math.exp(loss) for loss in by_seed.values()]
             models[kind] = {
-                "sweep": sweep, "best_lr": lr, "best_lr_at_edge": lr in (min(settings["lrs"]), max(settings["lrs"])),
+                "sweep": sweep, "best_lr": lr, "best_lr_at_edge": lr in (min(lrs), max(lrs)),
                 "loss_by_seed": by_seed, "perplexity_mean": lab.mean_std(perplexities)[0],
                 "perplexity_std": lab.mean_std(perplexities)[1], "loss_mean": statistics.fmean(by_seed.values()),
                 "parameters": first["parameters"], "layout": lab.layout("diff-v1" if kind == "diff-v1-gain" else kind,
@@ -216,7 +223,9 @@ def write_report(results: lab.Results, out: Path) -> None:
     lines = [
         f"From scratch on Python standard-library code: {s['steps']} steps of {s['batch_size']}×{s['block_size']} "
         f"tokens ({s['steps'] * s['batch_size'] * s['block_size']:,} tokens), AdamW, cosine schedule with "
-        f"{s['warmup']} warm-up steps; learning rates {', '.join(f'{lr:g}' for lr in s['lrs'])} swept on seed "
+        f"{s['warmup']} warm-up steps; learning rates {', '.join(f'{lr:g}' for lr in s['lrs'])}"
+        + "".join(f" ({size}: {', '.join(f'{lr:g}' for lr in lrs)})" for size, lrs in s["size_lrs"].items())
+        + f" swept on seed "
         f"{s['seeds'][0]}, then seeds {', '.join(map(str, s['seeds'][1:]))} at each model's best; held-out "
         f"perplexity on {results.data['corpus']['held_out_tokens']:,} tokens of "
         f"{results.data['corpus']['held_out_files']} files never trained on "
@@ -227,8 +236,8 @@ def write_report(results: lab.Results, out: Path) -> None:
         lines += [f"## {size} (hidden × layers × Llama heads)", "", "Learning-rate sweep, held-out perplexity of seed "
                   f"{s['seeds'][0]}:", ""]
         lines.append(lab.markdown_table(
-            ["model"] + [f"lr {lr:g}" for lr in s["lrs"]],
-            [[kind] + [f"{math.exp(m['sweep'][lr]):.2f}" if lr in m["sweep"] else "–" for lr in s["lrs"]]
+            ["model"] + [f"lr {lr:g}" for lr in size_lrs(s, size)],
+            [[kind] + [f"{math.exp(m['sweep'][lr]):.2f}" if lr in m["sweep"] else "–" for lr in size_lrs(s, size)]
              for kind, m in models.items()]))
         lines += ["", "At each model's best rate:", ""]
         rows = []
@@ -323,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablations", nargs="*", choices=ABLATIONS, default=list(ABLATIONS))
     parser.add_argument("--ablation-sizes", nargs="*", default=None, help="default: the first size")
     parser.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3, 6e-3])
+    parser.add_argument("--size-lrs", nargs="*", default=[], metavar="SIZE=LR,LR",
+                        help="another sweep at one size, e.g. 256x8x16=7.5e-4,1.5e-3,3e-3")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the first one sweeps")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=15)
@@ -343,16 +354,21 @@ def main(argv: list[str] | None = None) -> int:
         args.tokenizer_chars, args.ablations = 200_000, ["diff-v1-gain"]
     args.sizes = [str(lab.Shape.parse(size)) for size in args.sizes]
     args.ablation_sizes = [str(lab.Shape.parse(size)) for size in (args.ablation_sizes or args.sizes[:1])]
+    try:
+        args.size_lrs = {str(lab.Shape.parse(size)): [float(lr) for lr in lrs.split(",")]
+                         for size, lrs in (entry.split("=") for entry in args.size_lrs)}
+    except ValueError:
+        parser.error(f"--size-lrs {' '.join(args.size_lrs)}: give SIZE=LR,LR entries, e.g. 256x8x16=1e-3,2e-3")
     if not {"llama", "llama-wide"} <= set(args.models):
         parser.error("--models must include llama and llama-wide: the differential models are reported against them")
     out = lab.setup(args, out=OUT)
 
     settings = {name: getattr(args, name) for name in (
-        "sizes", "models", "ablations", "ablation_sizes", "lrs", "seeds", "steps", "warmup", "batch_size",
+        "sizes", "models", "ablations", "ablation_sizes", "lrs", "size_lrs", "seeds", "steps", "warmup", "batch_size",
         "block_size", "eval_every", "eval_blocks", "eval_subset", "vocab_size", "tokenizer_chars", "device", "quick")}
     settings["data"] = "stdlib" if args.data is None else str(args.data)
     results = lab.Results(out / "results.json", settings, fresh=args.fresh,
-                          selects=("sizes", "models", "ablations", "ablation_sizes", "seeds", "lrs"))
+                          selects=("sizes", "models", "ablations", "ablation_sizes", "seeds", "lrs", "size_lrs"))
 
     started = time.perf_counter()
     corpus = lab.code_corpus(vocab_size=args.vocab_size, block_size=args.block_size,
