@@ -255,11 +255,17 @@ class DiffLlamaAttention(nn.Module):
         )
         return output
 
+    # The versions whose CPU calls over a plain causal mask take `chunked_attention`. Version 2's chunks compute the
+    # same (tested) but cost more than its one SDPA call with 2h query heads, which needs no padded queries
+    # (`benchmarks/perf.py`, README "Performance"); version 1's single call would multiply zeros.
+    chunked_versions = (1,)
+
     def _runs_in_chunks(self, query, attention_mask) -> bool:
         """Whether `chunked_attention` computes this call: CPU SDPA over a causal mask, without attention dropout
         in training, not compiled."""
         return (
-            self.config._attn_implementation == "sdpa"
+            self.version in self.chunked_versions
+            and self.config._attn_implementation == "sdpa"
             and query.device.type == "cpu"
             and attention_mask is None
             and query.shape[1] > 1  # a single token is faster through the kernel
@@ -370,7 +376,10 @@ class DiffLlamaPreTrainedModel(LlamaPreTrainedModel):
     # Functions registered with AttentionInterface get standard shapes: 2h query maps over h_kv KV heads, equal widths
     _supports_attention_backend = True
     _can_compile_fullgraph = True
-    _can_record_outputs = {"hidden_states": DiffLlamaDecoderLayer, "attentions": DiffLlamaAttention}
+    _can_record_outputs = {
+        "hidden_states": DiffLlamaDecoderLayer,
+        "attentions": [DiffLlamaAttention, DiffLlamaDexAttention],  # a layer has one or the other
+    }
 
     def save_pretrained(self, *args, **kwargs):
         # torch's composable wrappers (FSDP2's fully_shard, replicate) swap a module's class for a generated subclass

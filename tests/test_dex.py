@@ -149,3 +149,17 @@ def test_lora_training_moves_f_d_and_lambda_and_saves_them(data_dir, tmp_path): 
     ids = torch.arange(40).view(2, 20)
     torch.testing.assert_close(logits(merged, ids), logits(adapted, ids), rtol=1e-5, atol=1e-5)
     assert merged.model.layers[1].self_attn.dex.lambda_.item() == 1.0
+
+
+def test_output_attentions_are_the_source_maps(tmp_path):
+    """DEX differences the attention output, not the maps: eager returns the source's own softmax maps."""
+    make_source(tmp_path / "source", "llama")
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "source", attn_implementation="eager").eval()
+    out = convert(source=tmp_path / "source", output=tmp_path / "dex", strategy="dex", verify=False, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        ours, theirs = model(ids, output_attentions=True).attentions, source(ids, output_attentions=True).attentions
+    assert len(ours) == source.config.num_hidden_layers and ours[0].shape == (2, 4, 9, 9)
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-6)
