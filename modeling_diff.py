@@ -155,9 +155,9 @@ class DiffLlamaAttention(nn.Module):
     calls over the value's halves and 2.4–7.7× for SDPA with the wider value, `benchmarks/attention_paths.py`).
 
     With SDPA, two cases take a faster route to the same result:
-    - on CPU over a plain causal mask (no padding, no attention dropout), `chunked_attention`: maps as matrix
-      products per chunk of queries, combined before the value product, 0.7–1.2× a Llama's attention kernel;
-      differentiable, its backward pass recomputes each chunk's maps instead of keeping them;
+    - version 1 on CPU over a plain causal mask (no padding, no attention dropout), `chunked_attention`: maps as
+      matrix products per chunk of queries, combined before the value product, no zeros multiplied; differentiable,
+      its backward pass recomputes each chunk's maps instead of keeping them (`chunked_versions`);
     - a single new token: each KV group's query maps become that group's query rows in one SDPA call, instead of the
       `enable_gqa` call transformers would make (about 3× faster in fp32 and 10× in bf16 on CPU, 2,048 cached).
     """

@@ -9,10 +9,17 @@ import torch
 
 import chunked_attention
 from conftest import tiny_config
-from modeling_diff import DiffLlamaForCausalLM
+from modeling_diff import DiffLlamaAttention, DiffLlamaForCausalLM
 from reference import reference_v1, reference_v2
 
 LAYOUTS = {"mha": (4, 4, 8), "gqa": (4, 2, 8), "odd-gqa": (9, 3, 16)}  # (h, h_kv, head_dim)
+
+
+@pytest.fixture(autouse=True)
+def _both_versions_chunked(monkeypatch):
+    """Version 2 takes its one SDPA call on CPU by default (`DiffLlamaAttention.chunked_versions`); its chunks are
+    supported all the same, and tested here beside version 1's."""
+    monkeypatch.setattr(DiffLlamaAttention, "chunked_versions", (1, 2))
 
 
 def _model(version, h, h_kv, d, implementation="sdpa", **overrides):

@@ -69,10 +69,11 @@ def _maps_per_key_map(attention):
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("chunk_tokens", [1, 3, 64])
 def test_chunked_inference_path_matches_plain_reference(layout, version, chunk_tokens, monkeypatch, chunk_calls):
-    """CPU SDPA inference without a mask runs `chunked_attention`, in chunks of 1, 3 (not dividing 11) or all
-    tokens."""
+    """CPU SDPA inference without a mask runs `chunked_attention` (for version 2 when `chunked_versions` says so), in
+    chunks of 1, 3 (not dividing 11) or all tokens."""
     model, attention = _attention(version, *HEAD_LAYOUTS[layout], attn_implementation="sdpa")
     monkeypatch.setattr(chunked_attention, "CHUNK_ROW_BYTES", 4 * _maps_per_key_map(attention) * chunk_tokens)
+    monkeypatch.setattr(DiffLlamaAttention, "chunked_versions", (1, 2))  # version 2's chunks, though not its default
     x = torch.randn(2, 11, model.config.hidden_size)
     if version == 1:
         expected = reference_v1(attention, x, model.config.rope_parameters["rope_theta"], model.config.rms_norm_eps)
@@ -85,10 +86,17 @@ def test_chunked_inference_path_matches_plain_reference(layout, version, chunk_t
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_chunked_path_only_where_it_applies(version, chunk_calls):
-    """Chunks for CPU SDPA over a plain causal mask, with autograd too; the kernel for padding, eager, one token and
+def test_chunked_path_only_where_it_applies(version, chunk_calls, monkeypatch):
+    """Chunks for version 1 on CPU SDPA over a plain causal mask, with autograd too, and for version 2 when
+    `chunked_versions` names it (by default its one SDPA call); the kernel for padding, eager, one token and
     attention dropout in training."""
     model = DiffLlamaForCausalLM(tiny_config(diff_version=version)).eval()
+    if version == 2:
+        assert DiffLlamaAttention.chunked_versions == (1,)
+        with torch.no_grad():
+            model(torch.randint(1, 128, (2, 8)))
+        assert not chunk_calls, "version 2 takes its SDPA call by default"
+        monkeypatch.setattr(DiffLlamaAttention, "chunked_versions", (1, 2))
     ids = torch.randint(1, 128, (2, 8))
     padded = torch.ones_like(ids)
     padded[0, :3] = 0
