@@ -329,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--sizes", nargs="+", default=["128x4x8", "256x8x16"], help="HIDDENxLAYERSxHEADS")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--ablations", nargs="*", choices=ABLATIONS, default=list(ABLATIONS))
-    parser.add_argument("--ablation-sizes", nargs="*", default=None, help="default: the first size")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3, 6e-3])
-    parser.add_argument("--size-lrs", nargs="*", default=[], metavar="SIZE=LR,LR",
-                        help="another sweep at one size, e.g. 256x8x16=7.5e-4,1.5e-3,3e-3")
+    parser.add_argument("--ablations", nargs="*", choices=ABLATIONS, default=["diff-v1-gain"])
+    parser.add_argument("--ablation-sizes", nargs="*", default=None, help="default: every size")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2])
+    parser.add_argument("--size-lrs", nargs="*", default=["256x8x16=7.5e-4,1.5e-3,3e-3"], metavar="SIZE=LR,LR",
+                        help="a sweep of its own at a size (default: the larger one stops at 3e-3)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the first one sweeps")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=15)
@@ -351,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.lrs, args.seeds, args.steps, args.warmup = ["64x2x4"], [1e-3, 3e-3], [0, 1], 6, 2
         args.eval_every, args.eval_blocks, args.eval_subset, args.vocab_size = 3, 4, 2, 512
-        args.tokenizer_chars, args.ablations = 200_000, ["diff-v1-gain"]
+        args.tokenizer_chars, args.ablations, args.size_lrs = 200_000, ["diff-v1-gain"], []
     args.sizes = [str(lab.Shape.parse(size)) for size in args.sizes]
-    args.ablation_sizes = [str(lab.Shape.parse(size)) for size in (args.ablation_sizes or args.sizes[:1])]
+    args.ablation_sizes = [str(lab.Shape.parse(size)) for size in (args.ablation_sizes or args.sizes)]
     try:
         args.size_lrs = {str(lab.Shape.parse(size)): [float(lr) for lr in lrs.split(",")]
                          for size, lrs in (entry.split("=") for entry in args.size_lrs)}
