@@ -288,25 +288,3 @@ def test_committed_scratch_results_are_consistent():
                 assert set(model["sweep"]) == {str(lr) for lr in s["lrs"]}, (size, kind)
                 assert model["best_lr"] == min(s["lrs"], key=lambda lr: model["sweep"][str(lr)])
 
-
-def test_committed_retrieval_results_are_consistent():
-    folder = RESULTS / "retrieval"
-    for name in ("results.json", "results.md", "accuracy.png"):
-        assert (folder / name).is_file(), f"retrieval/{name}: run benchmarks/retrieval.py"
-    data = json.loads((folder / "results.json").read_text())
-    s = data["settings"]
-    assert not s["quick"] and len(s["seeds"]) >= 3 and set(s["models"]) == {"llama", "llama-wide", "diff-v1", "diff-v2"}
-    for kind, model in data["summary"]["models"].items():
-        assert len(model["accuracy_by_seed"]) == len(s["seeds"]), kind
-        assert all(0 <= cell["mean"] <= 1 for cell in model["cells"].values())
-
-
-def test_committed_probe_results_cover_the_trained_models():
-    folder = RESULTS / "probes"
-    for name in ("results.json", "results.md", "attention_maps.png", "quantization.png"):
-        assert (folder / name).is_file(), f"probes/{name}: run benchmarks/probes.py"
-    data = json.loads((folder / "results.json").read_text())
-    assert not data["settings"]["quick"]
-    models = {run["model"] for run in data["runs"].values()}
-    assert {"llama", "llama-wide", "diff-v1", "diff-v2"} <= models  # the retrieval models
-    assert {"128x4x8 llama", "128x4x8 diff-v1", "128x4x8 diff-v2"} <= models  # the language models
