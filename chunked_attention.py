@@ -150,10 +150,14 @@ class _Chunks:
         grad_value = self.value.new_zeros(self.value.shape, dtype=accumulate)
         rowsums = self._pairs(self.query.new_empty(slabs, seq_len * per_token, 1), seq_len)  # e_s of every row
         products = torch.empty_like(self.scores)  # P ∘ dM, then dS
+        # One chunk's share of dK or dV, (slabs, seen, d or w): a product into a contiguous buffer, then one addition,
+        # is two operations where accumulating into the strided slice directly would be one per slab (and a copy)
+        shares = self.query.new_empty(slabs * seq_len * max(d, width))
         for start, stop, probs, maps in self.chunks():
             rows, seen = stop - start, stop
             output_rows = grad_output[:, start * groups : stop * groups]  # (B·h_kv, rows·G, w)
-            _add_product(grad_value[:, :seen], maps.transpose(1, 2), output_rows)  # dV += Mᵀ dO
+            share = shares[: batch * h_kv * seen * width].view(batch * h_kv, seen, width)
+            grad_value[:, :seen] += torch.bmm(maps.transpose(1, 2), output_rows, out=share)  # dV += Mᵀ dO
             torch.bmm(output_rows, self.value[:, :seen].transpose(1, 2), out=maps)  # dM = dO Vᵀ, over M
             grads = products[: probs.numel()].view_as(probs)
             # Both maps of a head against their one dM: (B·h_kv, 2, rows·G, seen) or (B, h_kv, rows, G, 2, seen)
@@ -163,7 +167,8 @@ class _Chunks:
             torch.sum(grads_by_map, dim=-1, keepdim=True, out=chunk_rowsums)  # e_s = rowsum(P_s ∘ dM)
             grads_by_map.addcmul_(by_map, chunk_rowsums, value=-1)  # P_s ∘ (dM − e_s)
             chunk = slice(start * per_token, stop * per_token)
-            _add_product(grad_key[:, :seen], grads.transpose(1, 2), scaled_query[:, chunk])  # dK += dSᵀ Q
+            share = shares[: slabs * seen * d].view(slabs, seen, d)
+            grad_key[:, :seen] += torch.bmm(grads.transpose(1, 2), scaled_query[:, chunk], out=share)  # dK += dSᵀ Q
             torch.bmm(grads, self.key[:, :seen], out=grad_query[:, chunk])  # dQ = dS K, scaled below
         self._pairs(grad_query, seq_len).mul_(scale)
 
@@ -195,11 +200,3 @@ class _Chunks:
         if self.version == 1:
             return rows_by_slab.view(-1, maps, rows * groups, n)
         return rows_by_slab.view(batch, h_kv, rows, groups, maps, n)
-
-
-def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """target += a @ b (batched), in place, for a target of a wider dtype than a and b too."""
-    if target.dtype == a.dtype:
-        target.baddbmm_(a, b)
-    else:
-        target.add_(torch.bmm(a, b))

@@ -20,6 +20,7 @@ left in the allocator. On CUDA: the allocator's peak in that process.
 
     python benchmarks/perf.py                      # the ~100M-parameter CPU preset, fp32 and bf16
     python benchmarks/perf.py --preset tiny        # a seconds-long smoke run
+    python benchmarks/perf.py --profile --only prefill_2048 --models llama diff-v2   # where the time goes
 """
 
 import argparse
@@ -326,6 +327,28 @@ def measure(
     return list(results.values())
 
 
+def profile(names: list[str], preset: Preset, dtype_name: str, device: str, only: tuple[str, ...], rows: int) -> str:
+    """Where each model's time goes: self time per operation (torch.profiler) over one call of each figure, after a
+    warm-up. Figures as for timing (`only` selects them); no repeats, so the shares, not the totals, are the point."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    tables = []
+    for figure, _, training, factory in workloads(preset, device, skip_train=False, only=only):
+        for name in names:
+            torch.manual_seed(0)
+            model = build(name, preset, DTYPES[dtype_name], device).train(training)
+            run = factory(model) if training else torch.no_grad()(factory(model))
+            run()
+            with profiler(activities=[ProfilerActivity.CPU]) as prof:
+                run()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+            tables.append(f"{figure}, {name} ({dtype_name}):\n{table}")
+            del model, run
+            gc.collect()
+    return "\n".join(tables)
+
+
 def ratio(result: Result, baseline: Result, figure: str) -> float:
     """How many times the Llama's cost: time ratio, or for a rate the baseline's rate over ours."""
     ours, base = result.figures[figure]["value"], baseline.figures[figure]["value"]
@@ -408,6 +431,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-train-peak", action="store_true", help="leave out the peak training memory only")
     parser.add_argument("--only", nargs="+", default=[], help="measure only figures starting with these, e.g. decode")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "perf")
+    parser.add_argument("--profile", action="store_true", help="print where the time goes per operation, no timing")
     parser.add_argument("--train-peak-child", choices=MODELS, help=argparse.SUPPRESS)  # see training_peak_bytes
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -417,6 +441,13 @@ def main(argv=None) -> int:
     if args.repeats:
         preset.repeats = args.repeats
     models = ["llama"] + [m for m in args.models if m != "llama"]
+    if args.profile:
+        text = "\n".join(profile(models, preset, dtype, args.device, tuple(args.only), 14) for dtype in args.dtypes)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile.txt").write_text(text)
+        print(text)
+        print(f"wrote {args.out}/profile.txt")
+        return 0
 
     def write_json(results: list[Result], complete: bool) -> None:
         """After every figure too, so that a long run stopped midway keeps what it measured."""
