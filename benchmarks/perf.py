@@ -16,7 +16,8 @@ markdown table and a PNG plot. Every figure is also printed as a ratio to the Ll
 Peak training memory (`train_peak_N`) comes from a fresh process per model, which builds the model and takes one
 training step of N tokens: its peak resident set (the kernel's high-water mark, `getrusage`'s `ru_maxrss`) above
 its resident set before the model existed, so weights, gradients and activations, and nothing an earlier workload
-left in the allocator. On CUDA: the allocator's peak in that process.
+left in the allocator; glibc's mmap threshold is fixed at 64 KiB in that process, so that freed tensors leave the
+resident set at once and the peak is that of live memory. On CUDA: the allocator's peak in that process.
 
     python benchmarks/perf.py                      # the ~100M-parameter CPU preset, fp32 and bf16
     python benchmarks/perf.py --preset tiny        # a seconds-long smoke run
@@ -205,7 +206,13 @@ def training_peak_bytes(name: str, preset_name: str, dtype_name: str, device: st
     """Peak memory of one training step of `train_peak_length` tokens, measured in a fresh process (module
     docstring)."""
     command = [sys.executable, __file__, "--train-peak-child", name, "--preset", preset_name, "--dtypes", dtype_name]
-    child = subprocess.run(command + ["--device", device], capture_output=True, text=True)
+    env = dict(os.environ)
+    if device == "cpu":
+        # A fixed mmap threshold turns off glibc's dynamic one: every block of 64 KiB or more is mapped when allocated
+        # and unmapped when freed, so the peak resident set is the peak of live tensors. With the dynamic threshold
+        # freed blocks may stay on the heap or not, and the same step's peak varied by 10% from process to process.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 2**10)
+    child = subprocess.run(command + ["--device", device], capture_output=True, text=True, env=env)
     if child.returncode != 0:
         raise RuntimeError(f"the peak-memory process for {name} failed:\n{child.stderr[-3000:]}")
     return int(json.loads(child.stdout.strip().splitlines()[-1])["peak_bytes"])
@@ -377,8 +384,10 @@ def markdown(results: list[Result]) -> str:
             lines.append(
                 f"| {r.model} | {r.parameters / 1e6:.1f}M | {r.kv_cache_bytes_per_token} | " + " | ".join(cells) + " |"
             )
-        lines.append("\nPeak memory above the start of each measurement (MiB, ratio to Llama):\n")
         timed = [f for f in figures if baseline.figures[f]["unit"] != "B"]  # train_peak is its own figure above
+        if not timed:
+            continue
+        lines.append("\nPeak memory above the start of each measurement (MiB, ratio to Llama):\n")
         lines.append("| model | " + " | ".join(timed) + " |")
         lines.append("|---" * (len(timed) + 1) + "|")
         for r in group:

@@ -38,6 +38,10 @@ def test_quick_run_writes_records_and_resumes(tmp_path):
     before = {m: by_key[(m, None)] for m in ("llama-lora", "dex")}
     assert all(r["train_tokens"] == 0 for r in before.values())
     assert all(by_key[(m, s)]["train_tokens"] == 2 * 2 * 32 for m in before for s in (0, 1))
+    # pass@1 (generation) at step 0 and for the first seed only; the solution loss for every model and seed.
+    assert all(by_key[(m, s)]["pass_at_1"] is not None for m in before for s in (None, 0))
+    assert all(by_key[(m, 1)]["pass_at_1"] is None for m in before)
+    assert all(record["solution_loss"] is not None for record in records)
     # The conversion starts as the source exactly, and the benchmark's own step-0 stdlib score is the recipe's.
     assert before["dex"]["solution_loss"] == before["llama-lora"]["solution_loss"]
     runs = json.loads((out / "runs.json").read_text())["runs"]
