@@ -284,16 +284,19 @@ def plot(summary: dict, settings: dict, out: Path) -> None:
     figure, (by_length, by_distractors) = plt.subplots(1, 2, figsize=(12, 4.2))
     for kind, m in done.items():
         cells = {tuple(map(int, cell.split("/"))): value for cell, value in m["cells"].items()}
-        top = max(d for _, d in cells)
-        lengths = sorted({length for length, d in cells if d == top})
-        line, = by_length.plot(lengths, [cells[(length, top)]["mean"] for length in lengths], marker="o",
-                               label=f"{kind}, {top} distractors")
+        lengths = sorted({length for length, _ in cells})
+        # the most distractors that every context length holds, so the line spans the lengths
+        top = max(d for d in {d for _, d in cells} if all((length, d) in cells for length in lengths))
+        line, _, _ = by_length.errorbar(lengths, [cells[(length, top)]["mean"] for length in lengths],
+                                        yerr=[cells[(length, top)]["std"] for length in lengths], marker="o",
+                                        capsize=3, label=f"{kind}, {top} distractors")
         longest = max(length for length, _ in cells)
         counts = sorted(d for length, d in cells if length == longest)
         by_distractors.errorbar(counts, [cells[(longest, d)]["mean"] for d in counts],
                                 yerr=[cells[(longest, d)]["std"] for d in counts], marker="o", capsize=3,
                                 color=line.get_color(), label=f"{kind}, length {longest}")
-    by_length.set(xscale="log", xlabel="context length (tokens)", ylabel="accuracy (mean of seeds)", ylim=(0, 1.02))
+    by_length.set(xscale="log", xlabel="context length (tokens)", ylabel="accuracy (mean ± std of seeds)",
+                  ylim=(0, 1.02))
     by_distractors.set(xlabel="distractor records", ylabel="accuracy (mean ± std of seeds)", ylim=(0, 1.02))
     for axis in (by_length, by_distractors):
         axis.legend(fontsize=8)
