@@ -17,7 +17,10 @@ makes version 1's attention outputs several times the embedding's RMS at step 0,
 
 - `diff-v1-gain`: version 1 whose head-norm gains start scaled, layer by layer, so that the attention output's RMS
   on the first batch equals the Llama's of the same seed (the rest of the initialisation is `diff-v1`'s own);
-- `diff-v1-nonorm`: version 1 without the head norm (and its `1 − λ_init` scale) throughout.
+- `diff-v1-nonorm`: version 1 without the head norm (and its `1 − λ_init` scale) throughout;
+- `diff-v1-gain-onemap`: `diff-v1-gain` with the difference switched off (λ ≡ 0: λ_init 0 and the λ vectors zero
+  and frozen), so its heads are one softmax map over a 2d-wide value with the rescaled head norm, and the second
+  map's projections receive no gradient: what `diff-v1-gain` gains over it is the difference's, not the norm's.
 
 Every run records that ratio at step 0 (`init_scale`). Held-out perplexity: whole files never trained on (the
 `finetune.data` split); intermediate evaluations use the first `--eval-subset` blocks, the final one all of them.
@@ -46,11 +49,13 @@ import lab
 
 OUT = lab.ROOT / "benchmarks" / "results" / "scratch"
 MODELS = ("llama", "llama-wide", "diff-v1", "diff-v2")
-ABLATIONS = ("diff-v1-gain", "diff-v1-nonorm")
+ABLATIONS = ("diff-v1-gain", "diff-v1-nonorm", "diff-v1-gain-onemap")
+GAIN_RESCALED = ("diff-v1-gain", "diff-v1-gain-onemap")  # version 1 with head-norm gains rescaled at step 0
 # (model, its reference): the comparisons every table and the trend report, lower loss is better.
 COMPARISONS = (("diff-v1", "llama"), ("diff-v2", "llama-wide"), ("diff-v2", "llama"), ("llama-wide", "llama"),
                ("diff-v1-gain", "llama"), ("diff-v1-gain", "diff-v1"), ("diff-v1-nonorm", "llama"),
-               ("diff-v1-nonorm", "diff-v1"))
+               ("diff-v1-nonorm", "diff-v1"), ("diff-v1-gain-onemap", "llama"),
+               ("diff-v1-gain", "diff-v1-gain-onemap"))
 
 
 def run_key(size: str, kind: str, lr: float, seed: int) -> str:
@@ -85,12 +90,20 @@ def attention_scale(model, batch: torch.Tensor) -> dict:
 
 
 def build(task: dict, config_for, batch: torch.Tensor):
-    """The task's model at its initialisation; `diff-v1-gain` rescales the head-norm gains against a Llama."""
+    """The task's model at its initialisation; the `GAIN_RESCALED` kinds rescale the head-norm gains against a
+    Llama, `diff-v1-gain-onemap` also silences the second map."""
     kind, device = task["kind"], task["device"]
     torch.manual_seed(task["seed"])
-    model = lab.build_model(config_for("diff-v1" if kind == "diff-v1-gain" else kind), device=device)
+    onemap = kind == "diff-v1-gain-onemap"
+    config = config_for("diff-v1" if kind in GAIN_RESCALED else kind, **({"lambda_init": 0.0} if onemap else {}))
+    model = lab.build_model(config, device=device)
+    if onemap:  # λ = exp(0) − exp(0) + 0 = 0 at every step
+        for layer in model.model.layers:
+            for vector in layer.self_attn.lambdas.parameters():
+                vector.detach().zero_()
+                vector.requires_grad_(False)
     extra = {}
-    if kind == "diff-v1-gain":
+    if kind in GAIN_RESCALED:
         torch.manual_seed(task["seed"])
         llama = lab.build_model(config_for("llama"), device=device)
         target, gains = attention_scale(llama, batch)["attention_rms"], []
@@ -109,8 +122,9 @@ def run(task: dict) -> dict:
     corpus = load_corpus(task["corpus"])
     shape = lab.Shape.parse(task["size"])
 
-    def config_for(kind):
-        return lab.model_config(kind, shape, vocab_size=corpus["vocab_size"], max_positions=task["block_size"])
+    def config_for(kind, **overrides):
+        return lab.model_config(kind, shape, vocab_size=corpus["vocab_size"], max_positions=task["block_size"],
+                                **overrides)
 
     batches = lab.lm_batches(corpus["train"], batch_size=task["batch_size"], seed=task["seed"])
     first = batches(1)["input_ids"].to(task["device"])
@@ -201,7 +215,7 @@ def summarise(settings: dict, runs: dict) -> dict:
                 "sweep": sweep, "best_lr": lr, "best_lr_at_edge": lr in (min(lrs), max(lrs)),
                 "loss_by_seed": by_seed, "perplexity_mean": lab.mean_std(perplexities)[0],
                 "perplexity_std": lab.mean_std(perplexities)[1], "loss_mean": statistics.fmean(by_seed.values()),
-                "parameters": first["parameters"], "layout": lab.layout("diff-v1" if kind == "diff-v1-gain" else kind,
+                "parameters": first["parameters"], "layout": lab.layout("diff-v1" if kind in GAIN_RESCALED else kind,
                                                                         lab.Shape.parse(size)),
                 "init_attention_ratio": first["init_scale"]["ratio"],
                 "train_tokens_per_s": statistics.fmean(

@@ -122,6 +122,32 @@ def test_scratch_quick_run_sweeps_pairs_and_resumes(quick, tmp_path):
     assert again.stdout.count("[scratch] done ") == 1 and f"done {key}" in again.stdout
 
 
+def test_one_map_ablation_is_the_rescaled_model_without_its_difference(lab):
+    scratch = importlib.import_module("scratch")
+    shape = lab.Shape.parse("64x2x4")
+
+    def config_for(kind, **overrides):
+        return lab.model_config(kind, shape, vocab_size=100, max_positions=64, **overrides)
+
+    batch = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    onemap, _ = scratch.build({"kind": "diff-v1-gain-onemap", "device": "cpu", "seed": 0}, config_for, batch)
+    rescaled, _ = scratch.build({"kind": "diff-v1-gain", "device": "cpu", "seed": 0}, config_for, batch)
+    assert all(layer.self_attn.lambdas().item() == 0.0 for layer in onemap.model.layers)
+    # Rescaled to the same attention scale as diff-v1-gain, with the same parameters
+    assert scratch.attention_scale(onemap, batch)["ratio"] == pytest.approx(
+        scratch.attention_scale(rescaled, batch)["ratio"], rel=1e-5)
+    assert lab.count(onemap) == lab.count(rescaled)
+    onemap(batch, labels=batch).loss.backward()
+    for layer in onemap.model.layers:
+        attention = layer.self_attn
+        assert not any(v.requires_grad for v in attention.lambdas.parameters())
+        # q_proj rows: map 2i+s of head i; the second maps (and second key maps) get no gradient
+        q_grad = attention.q_proj.weight.grad.view(-1, 2, attention.head_dim, shape.hidden)
+        k_grad = attention.k_proj.weight.grad.view(-1, 2, attention.head_dim, shape.hidden)
+        assert q_grad[:, 1].abs().max() == 0 and k_grad[:, 1].abs().max() == 0
+        assert q_grad[:, 0].abs().max() > 0 and k_grad[:, 0].abs().max() > 0
+
+
 @pytest.fixture(scope="module")
 def retrieval():
     if str(BENCHMARKS) not in sys.path:
