@@ -13,7 +13,7 @@ distractors) leave in their `cache/` folders: every seed of each model at its ch
   the largest hidden-state entries (every layer's output) and their median |value|; top-1/2/3 as the paper's table.
 - Quantisation (all models): weight-only round-to-nearest, symmetric, of every linear layer in the decoder blocks
   (embedding and tied head in full precision; norms and λ vectors untouched), per output channel and per group
-  of 32 input weights, at 8, 6 and 4 bits; held-out loss (language models) and retrieval accuracy lost.
+  of 32 input weights, at 8, 6, 4, 3 and 2 bits; held-out loss (language models) and retrieval accuracy lost.
   `--quantizer torchao` uses torchao's `IntxWeightOnlyConfig` instead (if it is installed) on the same layers.
 
     python benchmarks/probes.py        # the committed results, after scratch.py and retrieval.py
@@ -40,7 +40,7 @@ import lab
 import retrieval
 
 OUT = lab.ROOT / "benchmarks" / "results" / "probes"
-BITS = (8, 6, 4)
+BITS = (8, 6, 4, 3, 2)  # down to ternary: at this scale 4 bits cost the models almost nothing
 GROUP_SIZE = 32
 
 
@@ -350,7 +350,7 @@ def plot_quantization(results: lab.Results, out: Path) -> None:
             names = ["fp32"] + [f"int{b} group{GROUP_SIZE}" for b in BITS]
             values = [statistics.fmean(r[metric][name] - r[metric]["fp32"] for r in records) for name in names]
             axis.plot(bits, values, marker="o", label=model)
-        axis.set(xscale="log", xticks=[4, 6, 8, 32], xticklabels=["4", "6", "8", "fp32"],
+        axis.set(xscale="log", xticks=[*BITS, 32], xticklabels=[*map(str, BITS), "fp32"],
                  xlabel=f"weight bits (per group of {GROUP_SIZE})",
                  ylabel="held-out loss change (nats)" if metric == "loss" else "retrieval accuracy change",
                  title="language models on code" if metric == "loss" else "retrieval among distractors")
@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {name: getattr(args, name) for name in (
         "quantizer", "quant_blocks", "outlier_blocks", "outlier_examples", "allocation_examples", "quant_examples",
         "device", "quick")}
+    settings["bits"] = list(BITS)
     results = lab.Results(out / "results.json", settings, fresh=args.fresh)
     results.put("environment", lab.environment())
     started = time.perf_counter()

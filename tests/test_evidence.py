@@ -260,7 +260,7 @@ def test_probes_quick_run_reads_the_trained_models(quick, tmp_path):
     retrieval_runs = [run for key, run in data["runs"].items() if key.startswith("retrieval/")]
     assert scratch and retrieval_runs
     for run in scratch:
-        assert set(run["loss"]) == {"fp32"} | {f"int{b} {g}" for b in (8, 6, 4) for g in ("channel", "group32")}
+        assert set(run["loss"]) == {"fp32"} | {f"int{b} {g}" for b in (8, 6, 4, 3, 2) for g in ("channel", "group32")}
         assert run["outliers"]["logit_top"][0] >= run["outliers"]["logit_top"][2]
     for run in retrieval_runs:
         assert sum(run["allocation"]["all_layers"]) == pytest.approx(1.0)
