@@ -12,15 +12,18 @@ differential model is compared with the Llama of its own parameter count:
 Protocol, per size and model: seed 0 at every learning rate of `--lrs`; the lowest held-out loss picks the rate;
 the other seeds run at it. Every model gets the same sweep, and a rate chosen on seed 0 is kept for its seeds.
 
-The lead about initialisation (`--ablations`, at `--ablation-sizes`): with N(0, 0.02) weights the per-head norm
-makes version 1's attention outputs several times the embedding's RMS at step 0, where a Llama's are below it.
+The lead about initialisation, and what explains a gain (`--ablations`, at `--ablation-sizes`): with N(0, 0.02)
+weights the per-head norm makes version 1's attention outputs several times the embedding's RMS at step 0, where
+a Llama's are near it, and version 2's (two nearly equal maps subtracted) start below it.
 
 - `diff-v1-gain`: version 1 whose head-norm gains start scaled, layer by layer, so that the attention output's RMS
   on the first batch equals the Llama's of the same seed (the rest of the initialisation is `diff-v1`'s own);
 - `diff-v1-nonorm`: version 1 without the head norm (and its `1 − λ_init` scale) throughout;
 - `diff-v1-gain-onemap`: `diff-v1-gain` with the difference switched off (λ ≡ 0: λ_init 0 and the λ vectors zero
   and frozen), so its heads are one softmax map over a 2d-wide value with the rescaled head norm, and the second
-  map's projections receive no gradient: what `diff-v1-gain` gains over it is the difference's, not the norm's.
+  map's projections receive no gradient: what `diff-v1-gain` gains over it is the difference's, not the norm's;
+- `llama-v2scale`: the Llama with its `o_proj` scaled, layer by layer, so that its attention outputs start at version
+  2's RMS of the same seed: what `diff-v2` gains over it is not its smaller start.
 
 Every run records that ratio at step 0 (`init_scale`). Held-out perplexity: whole files never trained on (the
 `finetune.data` split); intermediate evaluations use the first `--eval-subset` blocks, the final one all of them.
@@ -49,13 +52,19 @@ import lab
 
 OUT = lab.ROOT / "benchmarks" / "results" / "scratch"
 MODELS = ("llama", "llama-wide", "diff-v1", "diff-v2")
-ABLATIONS = ("diff-v1-gain", "diff-v1-nonorm", "diff-v1-gain-onemap")
-GAIN_RESCALED = ("diff-v1-gain", "diff-v1-gain-onemap")  # version 1 with head-norm gains rescaled at step 0
+ABLATIONS = ("diff-v1-gain", "diff-v1-nonorm", "diff-v1-gain-onemap", "llama-v2scale")
+# Kinds whose attention outputs are rescaled at step 0: (the kind built, the kind whose attention-output RMS it takes,
+# the weight that scales it, linearly: the head-norm gain or o_proj, which has no bias)
+RESCALED = {
+    "diff-v1-gain": ("diff-v1", "llama", lambda attention: attention.head_norm.weight),
+    "diff-v1-gain-onemap": ("diff-v1", "llama", lambda attention: attention.head_norm.weight),
+    "llama-v2scale": ("llama", "diff-v2", lambda attention: attention.o_proj.weight),
+}
 # (model, its reference): the comparisons every table and the trend report, lower loss is better.
 COMPARISONS = (("diff-v1", "llama"), ("diff-v2", "llama-wide"), ("diff-v2", "llama"), ("llama-wide", "llama"),
                ("diff-v1-gain", "llama"), ("diff-v1-gain", "diff-v1"), ("diff-v1-nonorm", "llama"),
                ("diff-v1-nonorm", "diff-v1"), ("diff-v1-gain-onemap", "llama"),
-               ("diff-v1-gain", "diff-v1-gain-onemap"))
+               ("diff-v1-gain", "diff-v1-gain-onemap"), ("diff-v2", "llama-v2scale"), ("llama-v2scale", "llama"))
 
 
 def run_key(size: str, kind: str, lr: float, seed: int) -> str:
@@ -90,32 +99,31 @@ def attention_scale(model, batch: torch.Tensor) -> dict:
 
 
 def build(task: dict, config_for, batch: torch.Tensor):
-    """The task's model at its initialisation; the `GAIN_RESCALED` kinds rescale the head-norm gains against a
-    Llama, `diff-v1-gain-onemap` also silences the second map."""
+    """The task's model at its initialisation; the `RESCALED` kinds take another kind's attention-output scale,
+    `diff-v1-gain-onemap` also silences the second map."""
     kind, device = task["kind"], task["device"]
-    torch.manual_seed(task["seed"])
+    built, reference, weight = RESCALED.get(kind, (kind, None, None))
     onemap = kind == "diff-v1-gain-onemap"
-    config = config_for("diff-v1" if kind in GAIN_RESCALED else kind, **({"lambda_init": 0.0} if onemap else {}))
-    model = lab.build_model(config, device=device)
+    torch.manual_seed(task["seed"])
+    model = lab.build_model(config_for(built, **({"lambda_init": 0.0} if onemap else {})), device=device)
     if onemap:  # λ = exp(0) − exp(0) + 0 = 0 at every step
         for layer in model.model.layers:
             for vector in layer.self_attn.lambdas.parameters():
                 vector.detach().zero_()
                 vector.requires_grad_(False)
-    extra = {}
-    if kind in GAIN_RESCALED:
-        torch.manual_seed(task["seed"])
-        llama = lab.build_model(config_for("llama"), device=device)
-        target, gains = attention_scale(llama, batch)["attention_rms"], []
-        # Layer by layer: a layer's output is linear in its gain (o_proj has no bias), and its input depends only
-        # on the layers below, which are already rescaled.
-        for index, layer in enumerate(model.model.layers):
-            gains.append(target[index] / attention_scale(model, batch)["attention_rms"][index])
-            with torch.no_grad():
-                layer.self_attn.head_norm.weight.mul_(gains[-1])
-        extra = {"head_norm_gains": gains}
-        del llama
-    return model, extra
+    if reference is None:
+        return model, {}
+    torch.manual_seed(task["seed"])
+    # The reference's attention-output RMS over its embedding's (the two kinds' embeddings need not start equal)
+    target = attention_scale(lab.build_model(config_for(reference), device=device), batch)["ratio"]
+    factors = []
+    # Layer by layer: a layer's attention output is linear in the weight scaled, and its input depends only on the
+    # layers below, which are already rescaled.
+    for index, layer in enumerate(model.model.layers):
+        factors.append(target[index] / attention_scale(model, batch)["ratio"][index])
+        with torch.no_grad():
+            weight(layer.self_attn).mul_(factors[-1])
+    return model, {"attention_rescaled_by": factors}
 
 
 def run(task: dict) -> dict:
@@ -166,7 +174,23 @@ def size_lrs(settings: dict, size: str) -> list[float]:
 def grid(settings: dict) -> list[tuple[str, list[str]]]:
     """(size, kinds) in the order they run: every size's main models, the ablations at their sizes."""
     return [(size, settings["models"] + [kind for kind in settings["ablations"]
-                                          if size in settings["ablation_sizes"]]) for size in settings["sizes"]]
+                                          if size in settings["ablation_sizes"][kind]]) for size in settings["sizes"]]
+
+
+def ablation_sizes(parser, entries: list[str], ablations: list[str]) -> dict[str, list[str]]:
+    """`--ablation-sizes` as {ablation: [sizes]}: an entry SIZE,SIZE applies to every ablation, KIND=SIZE,SIZE to
+    one (the later entry wins)."""
+    sizes = {}
+    for entry in entries:
+        kind, _, listed = entry.rpartition("=")
+        if kind and kind not in ablations:
+            parser.error(f"--ablation-sizes {entry}: {kind} is not among --ablations ({', '.join(ablations)})")
+        try:
+            parsed = [str(lab.Shape.parse(size)) for size in listed.split(",")]
+        except ValueError as error:
+            parser.error(f"--ablation-sizes {entry}: {error}")
+        sizes.update({name: parsed for name in ([kind] if kind else ablations)})
+    return sizes
 
 
 def planner(settings: dict, results: lab.Results, base_task: dict, cache: Path):
@@ -215,7 +239,7 @@ def summarise(settings: dict, runs: dict) -> dict:
                 "sweep": sweep, "best_lr": lr, "best_lr_at_edge": lr in (min(lrs), max(lrs)),
                 "loss_by_seed": by_seed, "perplexity_mean": lab.mean_std(perplexities)[0],
                 "perplexity_std": lab.mean_std(perplexities)[1], "loss_mean": statistics.fmean(by_seed.values()),
-                "parameters": first["parameters"], "layout": lab.layout("diff-v1" if kind in GAIN_RESCALED else kind,
+                "parameters": first["parameters"], "layout": lab.layout(RESCALED.get(kind, (kind,))[0],
                                                                         lab.Shape.parse(size)),
                 "init_attention_ratio": first["init_scale"]["ratio"],
                 "train_tokens_per_s": statistics.fmean(
@@ -344,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["128x4x8", "256x8x16"], help="HIDDENxLAYERSxHEADS")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--ablations", nargs="*", choices=ABLATIONS, default=["diff-v1-gain"])
-    parser.add_argument("--ablation-sizes", nargs="*", default=None, help="default: every size")
+    parser.add_argument("--ablation-sizes", nargs="*", default=None, metavar="[KIND=]SIZE,SIZE",
+                        help="sizes the ablations run at: SIZE,SIZE for every ablation, KIND=SIZE,SIZE for one "
+                        "(default: every size)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2])
     parser.add_argument("--size-lrs", nargs="*", default=["256x8x16=7.5e-4,1.5e-3,3e-3"], metavar="SIZE=LR,LR",
                         help="a sweep of its own at a size (default: the larger one stops at 3e-3)")
@@ -367,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_every, args.eval_blocks, args.eval_subset, args.vocab_size = 3, 4, 2, 512
         args.tokenizer_chars, args.ablations, args.size_lrs = 200_000, ["diff-v1-gain"], []
     args.sizes = [str(lab.Shape.parse(size)) for size in args.sizes]
-    args.ablation_sizes = [str(lab.Shape.parse(size)) for size in (args.ablation_sizes or args.sizes)]
+    args.ablation_sizes = ablation_sizes(parser, args.ablation_sizes or [",".join(args.sizes)], args.ablations)
     try:
         args.size_lrs = {str(lab.Shape.parse(size)): [float(lr) for lr in lrs.split(",")]
                          for size, lrs in (entry.split("=") for entry in args.size_lrs)}

@@ -148,6 +148,37 @@ def test_one_map_ablation_is_the_rescaled_model_without_its_difference(lab):
         assert q_grad[:, 0].abs().max() > 0 and k_grad[:, 0].abs().max() > 0
 
 
+def test_llama_at_version_2s_starting_scale(lab):
+    scratch = importlib.import_module("scratch")
+    shape = lab.Shape.parse("64x2x4")
+
+    def config_for(kind, **overrides):
+        return lab.model_config(kind, shape, vocab_size=100, max_positions=64, **overrides)
+
+    batch = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    task = {"device": "cpu", "seed": 0}
+    scaled, extra = scratch.build({**task, "kind": "llama-v2scale"}, config_for, batch)
+    llama, _ = scratch.build({**task, "kind": "llama"}, config_for, batch)
+    v2, _ = scratch.build({**task, "kind": "diff-v2"}, config_for, batch)
+    ratio = {name: scratch.attention_scale(model, batch)["ratio"] for name, model in
+             (("scaled", scaled), ("llama", llama), ("v2", v2))}
+    assert ratio["scaled"] == pytest.approx(ratio["v2"], rel=1e-4)
+    assert all(factor < 1 for factor in extra["attention_rescaled_by"])  # version 2 starts below the Llama
+    # Only o_proj differs from the Llama of the same seed
+    for (name, a), b in zip(scaled.named_parameters(), llama.parameters()):
+        assert torch.equal(a, b) != name.endswith("o_proj.weight")
+
+
+def test_ablation_sizes_per_kind(lab):
+    scratch = importlib.import_module("scratch")
+    parser = scratch.argparse.ArgumentParser()
+    ablations = ["diff-v1-gain", "llama-v2scale"]
+    sizes = scratch.ablation_sizes(parser, ["128x4x8,256x8x16", "llama-v2scale=128x4x8"], ablations)
+    assert sizes == {"diff-v1-gain": ["128x4x8", "256x8x16"], "llama-v2scale": ["128x4x8"]}
+    with pytest.raises(SystemExit):
+        scratch.ablation_sizes(parser, ["diff-v1-nonorm=128x4x8"], ablations)
+
+
 @pytest.fixture(scope="module")
 def retrieval():
     if str(BENCHMARKS) not in sys.path:
