@@ -27,6 +27,18 @@ Model kinds (`KINDS`), all with the same hidden size, layers, MLP and tied embed
 - `diff-v2`: the 2026 revision, H heads of width d over the Llama's keys and values, plus a second query map and
   `lambda_proj` per head.
 
+Controls (`CONTROLS`, built by `build_kind`): a kind changed at step 0 to isolate one cause of a difference. With
+N(0, 0.02) weights, version 1's per-head norm starts its attention outputs several times the embedding's RMS, a
+Llama's start near it, and version 2's (two nearly equal maps subtracted) below it.
+
+- `diff-v1-gain`: `diff-v1` whose head-norm gains are scaled, layer by layer, so that each attention output's RMS
+  over the embedding's on the first batch equals the Llama's of the same seed;
+- `diff-v1-onemap`, `diff-v1-gain-onemap`: `diff-v1` and `diff-v1-gain` without the difference (λ held at 0,
+  the `1 − λ_init` scale kept in the gain): each head is its first map over the 2d-wide value, normed, and the
+  second maps' projections get no gradient;
+- `llama-v2scale`: the Llama with `o_proj` scaled, layer by layer, so that its attention outputs start at version
+  2's scale of the same seed.
+
 Every run is deterministic given its seed: `torch.manual_seed(seed)` before `build_model` fixes the initialisation,
 and `lm_batches` orders the data by the seed alone, so all kinds see the same blocks in the same order.
 """
@@ -113,8 +125,66 @@ def model_config(kind: str, shape: Shape, *, vocab_size: int, max_positions: int
 def layout(kind: str, shape: Shape) -> str:
     """Heads × map width, as the tables print it."""
     h, d = shape.heads, shape.head_dim
+    kind = CONTROLS.get(kind, (kind,))[0]
     return {"llama": f"{h} × {d}", "llama-wide": f"{h} × {d * 5 // 4}", "diff-v1": f"{h // 2} × 2 maps × {d}",
             "diff-v1-nonorm": f"{h // 2} × 2 maps × {d}", "diff-v2": f"{h} × 2 maps × {d}"}[kind]
+
+
+# name: (the kind built, the kind whose attention/embedding RMS ratio it takes at step 0 or None, the weight that
+# scales a layer's attention output linearly (o_proj has no bias), whether the difference is switched off)
+CONTROLS = {
+    "diff-v1-gain": ("diff-v1", "llama", lambda attention: attention.head_norm.weight, False),
+    "diff-v1-onemap": ("diff-v1", None, None, True),
+    "diff-v1-gain-onemap": ("diff-v1", "llama", lambda attention: attention.head_norm.weight, True),
+    "llama-v2scale": ("llama", "diff-v2", lambda attention: attention.o_proj.weight, False),
+}
+
+
+@torch.no_grad()
+def attention_scale(model, batch: torch.Tensor) -> dict:
+    """Each layer's attention output RMS (after `o_proj`) over the embedding's RMS, on `batch`."""
+    outputs = []
+    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
+             for layer in model.model.layers]
+    try:
+        model(input_ids=batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    embedding = model.get_input_embeddings()(batch).pow(2).mean().sqrt().item()
+    attention = [output.pow(2).mean().sqrt().item() for output in outputs]
+    return {"embedding_rms": embedding, "attention_rms": attention, "ratio": [a / embedding for a in attention]}
+
+
+def build_kind(kind: str, config_for: Callable, batch: torch.Tensor, *, seed: int, device: str = "cpu"):
+    """(model at its initialisation, what was changed) for a kind or a control; `config_for(kind, **overrides)`
+    gives a kind's config, `batch` is the first training batch (the controls' scales are measured on it)."""
+    built, reference, weight, onemap = CONTROLS.get(kind, (kind, None, None, False))
+    torch.manual_seed(seed)
+    model = build_model(config_for(built, **({"lambda_init": 0.0} if onemap else {})), device=device)
+    if onemap:
+        # λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init = 1 − 1 + 0 exactly, for good: λ_init 0 and the vectors zero and
+        # frozen; the gain takes the 1 − λ_init that version 1 scales each head by, so the model starts as diff-v1
+        # would without its second maps.
+        scales = config_for(built)
+        with torch.no_grad():
+            for index, layer in enumerate(model.model.layers):
+                for vector in layer.self_attn.lambdas.parameters():
+                    vector.zero_()
+                    vector.requires_grad_(False)
+                layer.self_attn.head_norm.weight.mul_(1.0 - scales.lambda_init_for(index))
+    if reference is None:
+        return model, {}
+    torch.manual_seed(seed)
+    target = attention_scale(build_model(config_for(reference), device=device), batch)["ratio"]
+    factors = []
+    # Layer by layer: a layer's attention output is linear in the weight scaled, and its input depends only on the
+    # layers below, which are already rescaled.
+    for index, layer in enumerate(model.model.layers):
+        factors.append(target[index] / attention_scale(model, batch)["ratio"][index])
+        with torch.no_grad():
+            weight(layer.self_attn).mul_(factors[-1])
+    return model, {"attention_rescaled_by": factors}
 
 
 def build_model(config, *, device: str | torch.device = "cpu", attn: str = "sdpa"):

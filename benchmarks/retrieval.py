@@ -47,7 +47,9 @@ import lab
 
 OUT = lab.ROOT / "benchmarks" / "results" / "retrieval"
 MODELS = ("llama", "llama-wide", "diff-v1", "diff-v2")
-COMPARISONS = (("diff-v1", "llama"), ("diff-v2", "llama-wide"), ("diff-v2", "llama"), ("llama-wide", "llama"))
+CONTROLS = ("diff-v1-onemap", "llama-v2scale")  # of lab.CONTROLS: the same models without the difference's cause
+COMPARISONS = (("diff-v1", "llama"), ("diff-v2", "llama-wide"), ("diff-v2", "llama"), ("llama-wide", "llama"),
+               ("diff-v1", "diff-v1-onemap"), ("diff-v2", "llama-v2scale"), ("llama-v2scale", "llama"))
 
 # The vocabulary: three markers (and a spare), 16 key symbols, 16 value symbols, 64 filler tokens.
 BOS, END, QUERY = 0, 1, 2
@@ -163,14 +165,18 @@ def run_key(kind: str, lr: float, seed: int) -> str:
 
 def run(task: dict) -> dict:
     shape = lab.Shape.parse(task["size"])
-    config = lab.model_config(task["kind"], shape, vocab_size=VOCAB_SIZE, max_positions=task["max_positions"])
-    torch.manual_seed(task["seed"])
-    model = lab.build_model(config, device=task["device"])
+
+    def config_for(kind, **overrides):
+        return lab.model_config(kind, shape, vocab_size=VOCAB_SIZE, max_positions=task["max_positions"], **overrides)
+
     cells = eval_cells(task["lengths"], task["eval_distractors"])
     examples = eval_set(cells, task["eval_examples"])
     probe = [example for cell in cells for example in examples[cell][: task["probe_examples"]]]
-    batches = training_batches(seed=task["seed"], batch_size=task["batch_size"], lengths=task["lengths"],
-                               distractors=task["distractors"])
+    stream = dict(seed=task["seed"], batch_size=task["batch_size"], lengths=task["lengths"],
+                  distractors=task["distractors"])
+    first = training_batches(**stream)(1)["input_ids"].to(task["device"])  # a stream of its own: the same first batch
+    model, _ = lab.build_kind(task["kind"], config_for, first, seed=task["seed"], device=task["device"])
+    batches = training_batches(**stream)
     record = lab.train(model, batches, steps=task["steps"], lr=task["lr"], warmup=task["warmup"],
                        evaluate=lambda m: score(m, probe)["accuracy"],
                        eval_steps=range(task["eval_every"], task["steps"] + 1, task["eval_every"]))
@@ -309,7 +315,8 @@ def plot(summary: dict, settings: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--size", default="128x2x8", help="HIDDENxLAYERSxHEADS")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS + CONTROLS, default=list(MODELS),
+                        help=f"models to train; the controls {', '.join(CONTROLS)} (lab.CONTROLS) when named")
     parser.add_argument("--lrs", type=float, nargs="+", default=[2e-3],
                         help="swept on the first seed (default: one rate for every model, the Llama pilot's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the first one sweeps")

@@ -12,18 +12,11 @@ differential model is compared with the Llama of its own parameter count:
 Protocol, per size and model: seed 0 at every learning rate of `--lrs`; the lowest held-out loss picks the rate;
 the other seeds run at it. Every model gets the same sweep, and a rate chosen on seed 0 is kept for its seeds.
 
-The lead about initialisation, and what explains a gain (`--ablations`, at `--ablation-sizes`): with N(0, 0.02)
-weights the per-head norm makes version 1's attention outputs several times the embedding's RMS at step 0, where
-a Llama's are near it, and version 2's (two nearly equal maps subtracted) start below it.
-
-- `diff-v1-gain`: version 1 whose head-norm gains start scaled, layer by layer, so that the attention output's RMS
-  on the first batch equals the Llama's of the same seed (the rest of the initialisation is `diff-v1`'s own);
-- `diff-v1-nonorm`: version 1 without the head norm (and its `1 − λ_init` scale) throughout;
-- `diff-v1-gain-onemap`: `diff-v1-gain` with the difference switched off (λ ≡ 0: λ_init 0 and the λ vectors zero
-  and frozen), so its heads are one softmax map over a 2d-wide value with the rescaled head norm, and the second
-  map's projections receive no gradient: what `diff-v1-gain` gains over it is the difference's, not the norm's;
-- `llama-v2scale`: the Llama with its `o_proj` scaled, layer by layer, so that its attention outputs start at version
-  2's RMS of the same seed: what `diff-v2` gains over it is not its smaller start.
+The lead about initialisation, and what explains a gain (`--ablations`, at `--ablation-sizes`): `diff-v1-nonorm`
+(version 1 without its head norm, a kind of `lab.KINDS`) and the controls of `lab.CONTROLS`: `diff-v1-gain` (version
+1's attention outputs started at the Llama's scale), `diff-v1-onemap` and `diff-v1-gain-onemap` (the same without
+the difference: what a version-1 model gains over them is the difference's, not the norm's), `llama-v2scale` (the
+Llama started at version 2's scale: what version 2 gains over it is not its smaller start).
 
 Every run records that ratio at step 0 (`init_scale`). Held-out perplexity: whole files never trained on (the
 `finetune.data` split); intermediate evaluations use the first `--eval-subset` blocks, the final one all of them.
@@ -52,19 +45,13 @@ import lab
 
 OUT = lab.ROOT / "benchmarks" / "results" / "scratch"
 MODELS = ("llama", "llama-wide", "diff-v1", "diff-v2")
-ABLATIONS = ("diff-v1-gain", "diff-v1-nonorm", "diff-v1-gain-onemap", "llama-v2scale")
-# Kinds whose attention outputs are rescaled at step 0: (the kind built, the kind whose attention-output RMS it takes,
-# the weight that scales it, linearly: the head-norm gain or o_proj, which has no bias)
-RESCALED = {
-    "diff-v1-gain": ("diff-v1", "llama", lambda attention: attention.head_norm.weight),
-    "diff-v1-gain-onemap": ("diff-v1", "llama", lambda attention: attention.head_norm.weight),
-    "llama-v2scale": ("llama", "diff-v2", lambda attention: attention.o_proj.weight),
-}
+ABLATIONS = ("diff-v1-gain", "diff-v1-nonorm", "diff-v1-onemap", "diff-v1-gain-onemap", "llama-v2scale")
 # (model, its reference): the comparisons every table and the trend report, lower loss is better.
 COMPARISONS = (("diff-v1", "llama"), ("diff-v2", "llama-wide"), ("diff-v2", "llama"), ("llama-wide", "llama"),
                ("diff-v1-gain", "llama"), ("diff-v1-gain", "diff-v1"), ("diff-v1-nonorm", "llama"),
                ("diff-v1-nonorm", "diff-v1"), ("diff-v1-gain-onemap", "llama"),
-               ("diff-v1-gain", "diff-v1-gain-onemap"), ("diff-v2", "llama-v2scale"), ("llama-v2scale", "llama"))
+               ("diff-v1-gain", "diff-v1-gain-onemap"), ("diff-v1", "diff-v1-onemap"), ("diff-v2", "llama-v2scale"),
+               ("llama-v2scale", "llama"))
 
 
 def run_key(size: str, kind: str, lr: float, seed: int) -> str:
@@ -82,50 +69,6 @@ def load_corpus(path: str) -> dict:
     return _CORPUS[path]
 
 
-@torch.no_grad()
-def attention_scale(model, batch: torch.Tensor) -> dict:
-    """Each layer's attention output RMS (after `o_proj`) over the embedding's RMS, on `batch`."""
-    outputs = []
-    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
-             for layer in model.model.layers]
-    try:
-        model(input_ids=batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    embedding = model.get_input_embeddings()(batch).pow(2).mean().sqrt().item()
-    attention = [output.pow(2).mean().sqrt().item() for output in outputs]
-    return {"embedding_rms": embedding, "attention_rms": attention, "ratio": [a / embedding for a in attention]}
-
-
-def build(task: dict, config_for, batch: torch.Tensor):
-    """The task's model at its initialisation; the `RESCALED` kinds take another kind's attention-output scale,
-    `diff-v1-gain-onemap` also silences the second map."""
-    kind, device = task["kind"], task["device"]
-    built, reference, weight = RESCALED.get(kind, (kind, None, None))
-    onemap = kind == "diff-v1-gain-onemap"
-    torch.manual_seed(task["seed"])
-    model = lab.build_model(config_for(built, **({"lambda_init": 0.0} if onemap else {})), device=device)
-    if onemap:  # λ = exp(0) − exp(0) + 0 = 0 at every step
-        for layer in model.model.layers:
-            for vector in layer.self_attn.lambdas.parameters():
-                vector.detach().zero_()
-                vector.requires_grad_(False)
-    if reference is None:
-        return model, {}
-    torch.manual_seed(task["seed"])
-    # The reference's attention-output RMS over its embedding's (the two kinds' embeddings need not start equal)
-    target = attention_scale(lab.build_model(config_for(reference), device=device), batch)["ratio"]
-    factors = []
-    # Layer by layer: a layer's attention output is linear in the weight scaled, and its input depends only on the
-    # layers below, which are already rescaled.
-    for index, layer in enumerate(model.model.layers):
-        factors.append(target[index] / attention_scale(model, batch)["ratio"][index])
-        with torch.no_grad():
-            weight(layer.self_attn).mul_(factors[-1])
-    return model, {"attention_rescaled_by": factors}
-
-
 def run(task: dict) -> dict:
     corpus = load_corpus(task["corpus"])
     shape = lab.Shape.parse(task["size"])
@@ -136,8 +79,8 @@ def run(task: dict) -> dict:
 
     batches = lab.lm_batches(corpus["train"], batch_size=task["batch_size"], seed=task["seed"])
     first = batches(1)["input_ids"].to(task["device"])
-    model, extra = build(task, config_for, first)
-    init_scale = attention_scale(model, first)
+    model, extra = lab.build_kind(task["kind"], config_for, first, seed=task["seed"], device=task["device"])
+    init_scale = lab.attention_scale(model, first)
     held_out, subset = corpus["held_out"], corpus["held_out"][: task["eval_subset"]]
     eval_steps = [step for step in range(task["eval_every"], task["steps"], task["eval_every"])]
     record = lab.train(model, batches, steps=task["steps"], lr=task["lr"], warmup=task["warmup"],
@@ -239,7 +182,7 @@ def summarise(settings: dict, runs: dict) -> dict:
                 "sweep": sweep, "best_lr": lr, "best_lr_at_edge": lr in (min(lrs), max(lrs)),
                 "loss_by_seed": by_seed, "perplexity_mean": lab.mean_std(perplexities)[0],
                 "perplexity_std": lab.mean_std(perplexities)[1], "loss_mean": statistics.fmean(by_seed.values()),
-                "parameters": first["parameters"], "layout": lab.layout(RESCALED.get(kind, (kind,))[0],
+                "parameters": first["parameters"], "layout": lab.layout(kind,
                                                                         lab.Shape.parse(size)),
                 "init_attention_ratio": first["init_scale"]["ratio"],
                 "train_tokens_per_s": statistics.fmean(

@@ -123,20 +123,29 @@ def test_scratch_quick_run_sweeps_pairs_and_resumes(quick, tmp_path):
 
 
 def test_one_map_ablation_is_the_rescaled_model_without_its_difference(lab):
-    scratch = importlib.import_module("scratch")
     shape = lab.Shape.parse("64x2x4")
 
     def config_for(kind, **overrides):
         return lab.model_config(kind, shape, vocab_size=100, max_positions=64, **overrides)
 
     batch = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
-    onemap, _ = scratch.build({"kind": "diff-v1-gain-onemap", "device": "cpu", "seed": 0}, config_for, batch)
-    rescaled, _ = scratch.build({"kind": "diff-v1-gain", "device": "cpu", "seed": 0}, config_for, batch)
+    onemap, _ = lab.build_kind("diff-v1-gain-onemap", config_for, batch, seed=0)
+    rescaled, _ = lab.build_kind("diff-v1-gain", config_for, batch, seed=0)
     assert all(layer.self_attn.lambdas().item() == 0.0 for layer in onemap.model.layers)
     # Rescaled to the same attention scale as diff-v1-gain, with the same parameters
-    assert scratch.attention_scale(onemap, batch)["ratio"] == pytest.approx(
-        scratch.attention_scale(rescaled, batch)["ratio"], rel=1e-5)
+    assert lab.attention_scale(onemap, batch)["ratio"] == pytest.approx(
+        lab.attention_scale(rescaled, batch)["ratio"], rel=1e-5)
     assert lab.count(onemap) == lab.count(rescaled)
+    # Unscaled, it starts as diff-v1 without its second maps: the Llama-equivalent of λ = 0 at diff-v1's output scale
+    plain, _ = lab.build_kind("diff-v1", config_for, batch, seed=0)
+    unscaled, _ = lab.build_kind("diff-v1-onemap", config_for, batch, seed=0)
+    for layer in plain.model.layers:
+        layer.self_attn.lambdas.lambda_init = 0.0  # λ = 1 − 1 + 0, the head scale below keeps 1 − λ_init
+        with torch.no_grad():
+            for vector in layer.self_attn.lambdas.parameters():
+                vector.zero_()
+    with torch.no_grad():
+        assert torch.allclose(plain(batch).logits, unscaled(batch).logits, atol=1e-6)
     onemap(batch, labels=batch).loss.backward()
     for layer in onemap.model.layers:
         attention = layer.self_attn
@@ -149,18 +158,16 @@ def test_one_map_ablation_is_the_rescaled_model_without_its_difference(lab):
 
 
 def test_llama_at_version_2s_starting_scale(lab):
-    scratch = importlib.import_module("scratch")
     shape = lab.Shape.parse("64x2x4")
 
     def config_for(kind, **overrides):
         return lab.model_config(kind, shape, vocab_size=100, max_positions=64, **overrides)
 
     batch = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
-    task = {"device": "cpu", "seed": 0}
-    scaled, extra = scratch.build({**task, "kind": "llama-v2scale"}, config_for, batch)
-    llama, _ = scratch.build({**task, "kind": "llama"}, config_for, batch)
-    v2, _ = scratch.build({**task, "kind": "diff-v2"}, config_for, batch)
-    ratio = {name: scratch.attention_scale(model, batch)["ratio"] for name, model in
+    scaled, extra = lab.build_kind("llama-v2scale", config_for, batch, seed=0)
+    llama, _ = lab.build_kind("llama", config_for, batch, seed=0)
+    v2, _ = lab.build_kind("diff-v2", config_for, batch, seed=0)
+    ratio = {name: lab.attention_scale(model, batch)["ratio"] for name, model in
              (("scaled", scaled), ("llama", llama), ("v2", v2))}
     assert ratio["scaled"] == pytest.approx(ratio["v2"], rel=1e-4)
     assert all(factor < 1 for factor in extra["attention_rescaled_by"])  # version 2 starts below the Llama
