@@ -155,9 +155,10 @@ class DiffLlamaAttention(nn.Module):
     calls over the value's halves and 2.4–7.7× for SDPA with the wider value, `benchmarks/attention_paths.py`).
 
     With SDPA, two cases take a faster route to the same result:
-    - version 1 on CPU over a plain causal mask (no padding, no attention dropout), `chunked_attention`: maps as
-      matrix products per chunk of queries, combined before the value product, no zeros multiplied; differentiable,
-      its backward pass recomputes each chunk's maps instead of keeping them (`chunked_versions`);
+    - version 1 in full precision on CPU over a plain causal mask (no padding, no attention dropout),
+      `chunked_attention`: maps as matrix products per chunk of queries, combined before the value product, no
+      zeros multiplied; differentiable, its backward pass recomputes each chunk's maps instead of keeping them
+      (`chunked_versions`, `chunked_dtypes`);
     - a single new token: each KV group's query maps become that group's query rows in one SDPA call, instead of the
       `enable_gqa` call transformers would make (about 3× faster in fp32 and 10× in bf16 on CPU, 2,048 cached).
     """
@@ -255,16 +256,20 @@ class DiffLlamaAttention(nn.Module):
         )
         return output
 
-    # The versions whose CPU calls over a plain causal mask take `chunked_attention`. Version 2's chunks compute the
-    # same (tested) but cost more than its one SDPA call with 2h query heads, which needs no padded queries
-    # (`benchmarks/perf.py`, README "Performance"); version 1's single call would multiply zeros.
+    # The versions and dtypes whose CPU calls over a plain causal mask take `chunked_attention`. Version 2's chunks
+    # compute the same (tested) but cost more than its one SDPA call with 2h query heads, which needs no padded
+    # queries; version 1's single call would multiply zeros. In bf16 on a CPU with AMX tiles the fused kernel is
+    # faster even with the zeros (prefill 1.19× a Llama's against 1.42× in chunks, training 1.07× against 1.12×);
+    # on one without, chunks measured 0.75× a Llama's attention against 1.7× (README "Performance").
     chunked_versions = (1,)
+    chunked_dtypes = (torch.float32, torch.float64)
 
     def _runs_in_chunks(self, query, attention_mask) -> bool:
         """Whether `chunked_attention` computes this call: CPU SDPA over a causal mask, without attention dropout
         in training, not compiled."""
         return (
             self.version in self.chunked_versions
+            and query.dtype in self.chunked_dtypes
             and self.config._attn_implementation == "sdpa"
             and query.device.type == "cpu"
             and attention_mask is None

@@ -36,8 +36,8 @@ Llama's start near it, and version 2's (two nearly equal maps subtracted) below 
 - `diff-v1-onemap`, `diff-v1-gain-onemap`: `diff-v1` and `diff-v1-gain` without the difference (λ held at 0,
   the `1 − λ_init` scale kept in the gain): each head is its first map over the 2d-wide value, normed, and the
   second maps' projections get no gradient;
-- `llama-v2scale`: the Llama with `o_proj` scaled, layer by layer, so that its attention outputs start at version
-  2's scale of the same seed.
+- `llama-v2scale`, `llama-wide-v2scale`: the Llama and the wide Llama with `o_proj` scaled, layer by layer, so that
+  their attention outputs start at version 2's scale of the same seed.
 
 Every run is deterministic given its seed: `torch.manual_seed(seed)` before `build_model` fixes the initialisation,
 and `lm_batches` orders the data by the seed alone, so all kinds see the same blocks in the same order.
@@ -137,6 +137,7 @@ CONTROLS = {
     "diff-v1-onemap": ("diff-v1", None, None, True),
     "diff-v1-gain-onemap": ("diff-v1", "llama", lambda attention: attention.head_norm.weight, True),
     "llama-v2scale": ("llama", "diff-v2", lambda attention: attention.o_proj.weight, False),
+    "llama-wide-v2scale": ("llama-wide", "diff-v2", lambda attention: attention.o_proj.weight, False),
 }
 
 

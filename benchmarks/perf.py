@@ -14,7 +14,7 @@ load then hits them alike), reports the median, and writes JSON, a
 markdown table and a PNG plot. Every figure is also printed as a ratio to the Llama's.
 
 Peak training memory (`train_peak_N`) comes from a fresh process per model, which builds the model and takes one
-training step of N tokens: its peak resident set (the kernel's high-water mark, `getrusage`'s `ru_maxrss`) above
+training step of N tokens: its peak resident set (the kernel's high-water mark of its address space, VmHWM) above
 its resident set before the model existed, so weights, gradients and activations, and nothing an earlier workload
 left in the allocator; glibc's mmap threshold is fixed at 64 KiB in that process, so that freed tensors leave the
 resident set at once and the peak is that of live memory. On CUDA: the allocator's peak in that process.
@@ -218,6 +218,15 @@ def training_peak_bytes(name: str, preset_name: str, dtype_name: str, device: st
     return int(json.loads(child.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
+def _peak_resident_bytes() -> int:
+    """This process's peak resident set: VmHWM, the high-water mark of its own address space. Not getrusage's
+    ru_maxrss, which Linux keeps across exec: a child started from a large process would report its parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: ru_maxrss, KiB on Linux
+
+
 def _train_peak_child(name: str, preset: Preset, dtype_name: str, device: str) -> None:
     """In the fresh process: build the model, take one training step, print the peak above the start as JSON."""
     if device == "cuda":
@@ -234,7 +243,7 @@ def _train_peak_child(name: str, preset: Preset, dtype_name: str, device: str) -
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak = _peak_resident_bytes()
     print(json.dumps({"peak_bytes": peak - start}))
 
 

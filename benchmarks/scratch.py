@@ -16,7 +16,8 @@ The lead about initialisation, and what explains a gain (`--ablations`, at `--ab
 (version 1 without its head norm, a kind of `lab.KINDS`) and the controls of `lab.CONTROLS`: `diff-v1-gain` (version
 1's attention outputs started at the Llama's scale), `diff-v1-onemap` and `diff-v1-gain-onemap` (the same without
 the difference: what a version-1 model gains over them is the difference's, not the norm's), `llama-v2scale` (the
-Llama started at version 2's scale: what version 2 gains over it is not its smaller start).
+Llama, and the wide Llama of version 2's parameter count, started at version 2's scale: what version 2 gains over
+them is not its smaller start).
 
 Every run records that ratio at step 0 (`init_scale`). Held-out perplexity: whole files never trained on (the
 `finetune.data` split); intermediate evaluations use the first `--eval-subset` blocks, the final one all of them.
@@ -45,13 +46,14 @@ import lab
 
 OUT = lab.ROOT / "benchmarks" / "results" / "scratch"
 MODELS = ("llama", "llama-wide", "diff-v1", "diff-v2")
-ABLATIONS = ("diff-v1-gain", "diff-v1-nonorm", "diff-v1-onemap", "diff-v1-gain-onemap", "llama-v2scale")
+ABLATIONS = ("diff-v1-gain", "diff-v1-nonorm", "diff-v1-onemap", "diff-v1-gain-onemap", "llama-v2scale",
+             "llama-wide-v2scale")
 # (model, its reference): the comparisons every table and the trend report, lower loss is better.
 COMPARISONS = (("diff-v1", "llama"), ("diff-v2", "llama-wide"), ("diff-v2", "llama"), ("llama-wide", "llama"),
                ("diff-v1-gain", "llama"), ("diff-v1-gain", "diff-v1"), ("diff-v1-nonorm", "llama"),
                ("diff-v1-nonorm", "diff-v1"), ("diff-v1-gain-onemap", "llama"),
                ("diff-v1-gain", "diff-v1-gain-onemap"), ("diff-v1", "diff-v1-onemap"), ("diff-v2", "llama-v2scale"),
-               ("llama-v2scale", "llama"))
+               ("llama-v2scale", "llama"), ("diff-v2", "llama-wide-v2scale"))
 
 
 def run_key(size: str, kind: str, lr: float, seed: int) -> str:

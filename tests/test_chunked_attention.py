@@ -140,8 +140,10 @@ def test_gradient_checkpointing_recomputes_through_the_chunks(version, use_reent
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_bf16_training_step_follows_fp32(version, chunk_calls):
-    """In bf16 the chunks accumulate key and value gradients over chunks in fp32: the gradients stay near fp32's."""
+def test_bf16_training_step_follows_fp32(version, chunk_calls, monkeypatch):
+    """In bf16 (chunks there when `chunked_dtypes` names it) the chunks accumulate key and value gradients over
+    chunks in fp32: the gradients stay near fp32's."""
+    monkeypatch.setattr(DiffLlamaAttention, "chunked_dtypes", (torch.float32, torch.bfloat16))
     model = _model(version, 4, 2, 16).float()
     ids = torch.randint(1, 128, (2, 48))
     reference = _gradients(model, ids)

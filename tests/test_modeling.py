@@ -87,7 +87,7 @@ def test_chunked_inference_path_matches_plain_reference(layout, version, chunk_t
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_chunked_path_only_where_it_applies(version, chunk_calls, monkeypatch):
-    """Chunks for version 1 on CPU SDPA over a plain causal mask, with autograd too, and for version 2 when
+    """Chunks for version 1 in fp32 on CPU SDPA over a plain causal mask, with autograd too, and for version 2 when
     `chunked_versions` names it (by default its one SDPA call); the kernel for padding, eager, one token and
     attention dropout in training."""
     model = DiffLlamaForCausalLM(tiny_config(diff_version=version)).eval()
@@ -111,6 +111,10 @@ def test_chunked_path_only_where_it_applies(version, chunk_calls, monkeypatch):
     with torch.no_grad():
         assert chunks_used() is True
         assert chunks_used(attention_mask=padded) is False
+        model.to(torch.bfloat16)
+        assert DiffLlamaAttention.chunked_dtypes == (torch.float32, torch.float64)
+        assert chunks_used() is False, "half precision takes the kernel by default"
+        model.float()
         cache = model(ids, use_cache=True).cache
         chunk_calls.clear()
         model(ids[:, :1], cache=cache)

@@ -11,12 +11,14 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
 import chunked_attention
-from modeling_diff import DiffLlamaForCausalLM
+from modeling_diff import DiffLlamaAttention, DiffLlamaForCausalLM
 
 
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_on_4096_tokens_stays_finite(version, dtype):
+def test_half_precision_on_4096_tokens_stays_finite(version, dtype, monkeypatch):
+    # the chunks too, though half precision takes the kernel by default
+    monkeypatch.setattr(DiffLlamaAttention, "chunked_dtypes", (torch.float32, dtype))
     model = DiffLlamaForCausalLM(tiny_config(diff_version=version, max_position_embeddings=4096)).to(dtype)
     ids = torch.randint(1, 128, (1, 4096))
     out = model(ids, labels=ids)
