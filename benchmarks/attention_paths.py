@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from chunked_attention import chunked_attention  # noqa: E402
 from configuration_diff import DiffLlamaConfig  # noqa: E402
 from modeling_diff import DiffLlamaAttention  # noqa: E402
+from perf import cpu_description  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "attention_paths.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "prefill": {}, "decode": {}}
+    report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_description(),
+              "prefill": {}, "decode": {}}
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for length in args.lengths:

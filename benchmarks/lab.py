@@ -495,8 +495,10 @@ def environment() -> dict:
 
     code = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in ("configuration_diff.py",
                                                                              "modeling_diff.py")))
+    from perf import cpu_description
+
     return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "model_code_sha256": code.hexdigest()[:16], "threads": torch.get_num_threads()}
+            "model_code_sha256": code.hexdigest()[:16], "threads": torch.get_num_threads(), "cpu": cpu_description()}
 
 
 # --- statistics, tables and plots ------------------------------------------------------------------------------

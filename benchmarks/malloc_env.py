@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from perf import DTYPES, MODELS, PRESETS, build, prefill  # noqa: E402
+from perf import DTYPES, MODELS, PRESETS, build, cpu_description, prefill  # noqa: E402
 
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": None, "LD_PRELOAD": None}  # None: unset
@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         lines.append(f"| {s} | {faults:,.0f} | {seconds:.3f} | {ratio:.2f}× |")
     table = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "load_average_at_end": os.getloadavg()}
+    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_description(),
+            "load_average_at_end": os.getloadavg()}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
     (args.out / "results.md").write_text(table)
     print(table)
