@@ -14,7 +14,9 @@ distractors) leave in their `cache/` folders: every seed of each model at its ch
 - Quantisation (all models): weight-only round-to-nearest, symmetric, of every linear layer in the decoder blocks
   (embedding and tied head in full precision; norms and λ vectors untouched), per output channel and per group
   of 32 input weights, at 8, 6, 4, 3 and 2 bits; held-out loss (language models) and retrieval accuracy lost.
-  `--quantizer torchao` uses torchao's `IntxWeightOnlyConfig` instead (if it is installed) on the same layers.
+  `--quantizer torchao` uses torchao's `IntxWeightOnlyConfig` instead on the same layers (`pip install -e
+  ".[quant]"`; it runs on CPU with torch 2.13): its symmetric grid uses the full signed range, −2^(b−1) to
+  2^(b−1) − 1 (4 levels at 2 bits against our 3), so it loses less at the lowest widths.
 
     python benchmarks/probes.py        # the committed results, after scratch.py and retrieval.py
     python benchmarks/probes.py --quick --scratch-out DIR --retrieval-out DIR

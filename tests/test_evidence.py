@@ -290,6 +290,34 @@ def test_round_to_nearest_per_channel_and_group(probes):
         probes.round_to_nearest(wide, 4, 48)
 
 
+def test_torchao_quantizer_touches_only_the_decoder_linears(lab, probes):
+    """`--quantizer torchao`: torchao's weight-only int4 on the same layers as ours, per channel and per group:
+    every row (or group of 32) holds at most 16 levels, the embedding and λ vectors keep their values, and the
+    model still computes nearly what it did."""
+    pytest.importorskip("torchao", reason="pip install torchao (part of the test extra)")
+    config = lab.model_config("diff-v1", lab.Shape.parse("64x2x4"), vocab_size=100, max_positions=32)
+    torch.manual_seed(0)
+    reference = lab.build_model(config).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    for group in (None, 32):
+        model = lab.build_model(config).eval()
+        model.load_state_dict(reference.state_dict())
+        probes.quantize(model, 4, group, "torchao")
+        for name, module in probes.decoder_linears(model):
+            weight = module.weight.dequantize() if hasattr(module.weight, "dequantize") else module.weight
+            blocks = weight.detach().reshape(weight.shape[0], -1, group or weight.shape[1])
+            levels = max(len(torch.unique(block)) for row in blocks for block in row)
+            assert levels <= 16, name
+            original = reference.model.layers.get_submodule(name).weight
+            assert not torch.equal(weight, original), name
+        assert torch.equal(model.model.embed_tokens.weight, reference.model.embed_tokens.weight)
+        attention, original = model.model.layers[0].self_attn, reference.model.layers[0].self_attn
+        assert torch.equal(attention.lambdas.lambda_q1, original.lambdas.lambda_q1)
+        with torch.no_grad():
+            drift = (model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max()
+        assert 0 < drift < 0.5
+
+
 def test_probes_quick_run_reads_the_trained_models(quick, tmp_path):
     run_script("probes", "--quick", "--scratch-out", str(quick["scratch"]), "--retrieval-out",
                str(quick["retrieval"]), "--out", str(tmp_path))
