@@ -122,13 +122,18 @@ def test_scratch_quick_run_sweeps_pairs_and_resumes(quick, tmp_path):
     assert again.stdout.count("[scratch] done ") == 1 and f"done {key}" in again.stdout
 
 
-def test_one_map_ablation_is_the_rescaled_model_without_its_difference(lab):
+def tiny_kinds(lab):
+    """What `lab.build_kind` takes for a 64x2x4 model, and a batch to scale it on."""
     shape = lab.Shape.parse("64x2x4")
 
     def config_for(kind, **overrides):
         return lab.model_config(kind, shape, vocab_size=100, max_positions=64, **overrides)
 
-    batch = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    return shape, config_for, torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def test_one_map_ablation_is_the_rescaled_model_without_its_difference(lab):
+    shape, config_for, batch = tiny_kinds(lab)
     onemap, _ = lab.build_kind("diff-v1-gain-onemap", config_for, batch, seed=0)
     rescaled, _ = lab.build_kind("diff-v1-gain", config_for, batch, seed=0)
     assert all(layer.self_attn.lambdas().item() == 0.0 for layer in onemap.model.layers)
@@ -158,12 +163,7 @@ def test_one_map_ablation_is_the_rescaled_model_without_its_difference(lab):
 
 
 def test_llama_at_version_2s_starting_scale(lab):
-    shape = lab.Shape.parse("64x2x4")
-
-    def config_for(kind, **overrides):
-        return lab.model_config(kind, shape, vocab_size=100, max_positions=64, **overrides)
-
-    batch = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    _, config_for, batch = tiny_kinds(lab)
     scaled, extra = lab.build_kind("llama-v2scale", config_for, batch, seed=0)
     llama, _ = lab.build_kind("llama", config_for, batch, seed=0)
     v2, _ = lab.build_kind("diff-v2", config_for, batch, seed=0)
