@@ -18,7 +18,8 @@ Protocol, fixed before any result: every model gets the same learning-rate sweep
 picked by held-out standard-library loss, never by a HumanEval number; then seed 0 at the full budget; then the
 other `--seeds` for two candidates: the conversion and the Llama baseline with the lowest seed-0 solution loss.
 
-    python benchmarks/humaneval.py --jobs 2                      # the committed CPU run (see the README)
+    python benchmarks/humaneval.py --jobs 2 --steps 96 --batch-size 4 --block-size 256 --eval-tokens 8192 \\
+        --lr-factors 0.5 1 2 4 8 --sweep-steps 24 --seeds 0 1 --max-gen-toks 256 --gen-batch 16   # the committed run
     python benchmarks/humaneval.py --quick --source DIR          # a smoke run on a tiny Llama folder
     python benchmarks/humaneval.py --device cuda --steps 2500 --batch-size 16 --block-size 256 \\
         --lr-factors 0.5 1 2 --sweep-steps 500 --seeds 0 1 2      # about 10M tokens a model on a GPU
