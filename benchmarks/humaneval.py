@@ -19,7 +19,7 @@ picked by held-out standard-library loss, never by a HumanEval number; then seed
 other `--seeds` for two candidates: the conversion and the Llama baseline with the lowest seed-0 solution loss.
 
     python benchmarks/humaneval.py --jobs 2 --steps 96 --batch-size 4 --block-size 256 --eval-tokens 8192 \\
-        --lr-factors 0.5 1 2 4 8 --sweep-steps 24 --seeds 0 1 --max-gen-toks 256 --gen-batch 16   # the committed run
+        --lr-factors 0.5 1 2 4 8 --sweep-steps 24 --seeds 0 1 2 --max-gen-toks 256 --gen-batch 16   # the committed run
     python benchmarks/humaneval.py --quick --source DIR          # a smoke run on a tiny Llama folder
     python benchmarks/humaneval.py --device cuda --steps 2500 --batch-size 16 --block-size 256 \\
         --lr-factors 0.5 1 2 --sweep-steps 500 --seeds 0 1 2      # about 10M tokens a model on a GPU
@@ -285,7 +285,8 @@ def records(results: lab.Results, settings: dict) -> list[dict]:
             # (tests/test_conversion.py, test_dex.py), so its HumanEval scores are the source's, and its stdlib
             # perplexity is the one `python -m finetune` measured on the conversion itself before training.
             rows.append({"model": model, "strategy": strategy, "mode": mode, "train_tokens": 0, "seed": None,
-                         "learning_rate": None, **_scores(source), "stdlib_ppl": math.exp(trained["stdlib_loss_before"]),
+                         "learning_rate": None, **_scores(source),
+                         "stdlib_ppl": math.exp(trained["stdlib_loss_before"]),
                          "parameters": trained["parameters"], "humaneval_step0_from": "the source (same function)"})
         for key, run in results.runs.items():
             kind, name, lr, seed = (key.split("/") + [None, None])[:4]
