@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,3 +63,26 @@ def test_malloc_benchmark_compares_allocator_settings_in_subprocesses(tmp_path):
     assert summary["glibc-tuned"]["environment"]["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2**20)
     assert all(row["seconds_per_prefill"] > 0 and row["minor_faults_per_prefill"] >= 0 for row in summary.values())
     assert "glibc-tuned" in (tmp_path / "results.md").read_text()
+
+
+def test_v2_kernel_benchmark_checks_every_kernel_against_the_models_call(tmp_path):
+    """`benchmarks/v2_kernel.py` at a tiny size, several chunks and a short last one: each candidate's output is
+    checked against version 2's one SDPA call before it is timed (the script stops otherwise), and where a C++
+    toolchain exists the compiled chunks are built and checked too."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "v2_kernel.py"), "--heads", "4", "--kv-heads", "2", "--head-dim",
+         "16", "--lengths", "40", "72", "--chunk-tokens", "16", "--repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    compiled = report["compiled"] == "yes"
+    if shutil.which("ninja") and shutil.which("c++"):
+        assert compiled, report["compiled"]
+    for length in ("40", "72"):
+        row = report["lengths"][length]
+        assert row["ratio"]["llama"] == 1.0 and row["ratio"]["sdpa-2h"] > 0
+        assert set(row["max_error"]) == ({"chunks-python", "chunks-cpp"} if compiled else {"chunks-python"})
+        assert all(error < 1e-5 for error in row["max_error"].values()), row["max_error"]
+        assert compiled == ("chunks-cpp, products only" in row["ratio"])
+    assert "sdpa-2h" in (tmp_path / "results.md").read_text()
