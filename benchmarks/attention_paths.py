@@ -125,15 +125,16 @@ def decode_candidates(H, H_kv, d, S, dtype):
     }
 
 
-def measure(candidates, repeats):
+def measure(candidates, repeats, *, grad: bool = False):
+    """Median seconds per call of each candidate, without autograd unless `grad` (a training step's backward)."""
     for run in candidates.values():
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             run()
     times = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, run in candidates.items():  # round-robin, so background load hits all alike
             start = time.perf_counter()
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 run()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}

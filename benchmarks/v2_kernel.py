@@ -12,11 +12,16 @@ the layer's head outputs A1 V − λ·A2 V, (B, T, h, d):
   products through ATen, each thread on its own chunk of one KV head with that chunk's maps in its L2 cache,
   AVX-512 (or AVX2) exponentials, the softmax's normalisation folded into the combination; four builds of it, each
   doing a prefix of the work, so the differences say where its time goes: `products only` (the two matrix
-  products, no softmax: the floor any kernel built on these products can reach), `+ row max`, `+ exp`, `full`.
+  products, no softmax: the floor any kernel built on these products can reach), `+ row max`, `+ exp`, and the whole `chunks-cpp`.
 
-Every candidate's output is checked against `sdpa-2h` before it is timed (`products only` and the partial builds
-excepted). Ratios are to the Llama's SDPA call (h heads over h_kv), median of round-robin repeats. The compiled
-kernel is a measurement, not a path of the model: it needs a C++ compiler and ninja at run time.
+Training (`--train-lengths`): forward and backward of the Llama's call, `sdpa-2h` and the chunks under autograd,
+whose backward recomputes each chunk's maps and shares the value's products too: 8 matrix products per block of
+keys in the backward pass against SDPA's 10 for the two maps and the Llama's 5; with the forward pass 11, 14 and
+7, so 1.57× the Llama's FLOPs at best.
+
+Every candidate's output (and the chunks' gradients) is checked against `sdpa-2h` before it is timed, the partial
+builds excepted. Ratios are to the Llama's SDPA call (h heads over h_kv), median of round-robin repeats. The
+compiled kernel is a measurement, not a path of the model: it needs a C++ compiler and ninja at run time.
 
     python benchmarks/v2_kernel.py                       # 1,024 / 2,048 / 4,096 tokens, the perf.py model's layer
     python benchmarks/v2_kernel.py --lengths 64 --repeats 1 --out /tmp/v2-kernel   # a smoke run
@@ -152,6 +157,13 @@ def compile_kernel():
     return module, None
 
 
+def v2_layer(h, h_kv, d) -> DiffLlamaAttention:
+    """A version-2 attention layer of the given shape, for `chunked_attention`."""
+    config = DiffLlamaConfig(diff_version=2, hidden_size=h * d, num_attention_heads=h, num_key_value_heads=h_kv,
+                             head_dim=d, intermediate_size=64)
+    return DiffLlamaAttention(config, layer_idx=0)
+
+
 def candidates(h, h_kv, d, T, kernel, chunk_tokens):
     """name -> zero-argument callable returning (B, T, h, d), over one layer's random inputs."""
     groups, scale = h // h_kv, d**-0.5
@@ -159,9 +171,7 @@ def candidates(h, h_kv, d, T, kernel, chunk_tokens):
     key, value = torch.randn(1, h_kv, T, d), torch.randn(1, h_kv, T, d)
     lambda_ = torch.rand(1, T, h, 1)
     llama_query = query[:, :, :h].transpose(1, 2).contiguous()
-    config = DiffLlamaConfig(diff_version=2, hidden_size=h * d, num_attention_heads=h, num_key_value_heads=h_kv,
-                             head_dim=d, intermediate_size=64)
-    layer = DiffLlamaAttention(config, layer_idx=0)
+    layer = v2_layer(h, h_kv, d)
 
     def sdpa_2h():
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, is_causal=True, enable_gqa=True)
@@ -185,12 +195,49 @@ def candidates(h, h_kv, d, T, kernel, chunk_tokens):
     return runs
 
 
+def training_candidates(h, h_kv, d, T):
+    """name -> zero-argument callable running forward and backward and returning the inputs' gradients, for the
+    Llama's call, version 2's call and the chunks under autograd (their backward recomputes each chunk's maps)."""
+    query = torch.randn(1, T, 2 * h, d, requires_grad=True)
+    key, value = torch.randn(1, h_kv, T, d, requires_grad=True), torch.randn(1, h_kv, T, d, requires_grad=True)
+    lambda_ = torch.rand(1, T, h, 1, requires_grad=True)
+    llama_query = query.detach()[:, :, :h].transpose(1, 2).contiguous().requires_grad_()
+    layer = v2_layer(h, h_kv, d)
+    grad_output = torch.randn(1, T, h, d)
+
+    def sdpa_2h():
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, is_causal=True, enable_gqa=True)
+        out = out.transpose(1, 2).unflatten(2, (h, 2))  # (B, T, h, 2, d)
+        return torch.addcmul(out[..., 0, :], lambda_, out[..., 1, :], value=-1)
+
+    def llama():  # (B, h, T, d)
+        return F.scaled_dot_product_attention(llama_query, key, value, is_causal=True, enable_gqa=True).transpose(1, 2)
+
+    def step(forward, inputs):
+        def run():
+            for tensor in inputs:
+                tensor.grad = None
+            forward().backward(grad_output)
+            return [tensor.grad for tensor in inputs]
+
+        return run
+
+    inputs = (query, key, value, lambda_)
+    return {
+        "llama": step(llama, (llama_query, key, value)),
+        "sdpa-2h": step(sdpa_2h, inputs),
+        "chunks-python": step(lambda: chunked_attention(layer, query, key, value, None, lambda_)[0], inputs),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, default=12, help="output heads h (the Llama's heads)")
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--train-lengths", type=int, nargs="+", default=[1024, 2048],
+                        help="lengths of the forward-and-backward comparison (Llama, sdpa-2h, chunks-python)")
     parser.add_argument("--chunk-tokens", type=int, default=32, help="tokens per chunk of the compiled loop")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "v2-kernel")
@@ -201,7 +248,7 @@ def main(argv=None) -> int:
         print(f"[v2_kernel] the compiled chunks are left out: {unavailable}", file=sys.stderr, flush=True)
     report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_description(),
               "shape": {"h": args.heads, "h_kv": args.kv_heads, "d": args.head_dim}, "chunk_tokens": args.chunk_tokens,
-              "compiled": unavailable or "yes", "lengths": {}}
+              "compiled": unavailable or "yes", "lengths": {}, "training": {}}
     for length in args.lengths:
         runs = candidates(args.heads, args.kv_heads, args.head_dim, length, kernel, args.chunk_tokens)
         with torch.inference_mode():
@@ -216,6 +263,17 @@ def main(argv=None) -> int:
         ratios = {name: round(t / times["llama"], 3) for name, t in times.items()}
         report["lengths"][str(length)] = {"llama_ms": times["llama"] * 1e3, "ratio": ratios, "max_error": errors}
         print(f"[v2_kernel] T={length}: llama {times['llama'] * 1e3:.1f} ms; {ratios}", flush=True)
+    for length in args.train_lengths:
+        runs = training_candidates(args.heads, args.kv_heads, args.head_dim, length)
+        expected, chunked = runs["sdpa-2h"](), runs["chunks-python"]()
+        error = max((a - b).abs().max().item() for a, b in zip(chunked, expected))
+        if error > 1e-4:
+            raise AssertionError(f"the chunks' gradients differ from sdpa-2h's by {error:.2e} at T={length}")
+        times = measure(runs, args.repeats, grad=True)
+        ratios = {name: round(t / times["llama"], 3) for name, t in times.items()}
+        report["training"][str(length)] = {"llama_ms": times["llama"] * 1e3, "ratio": ratios, "max_error": error}
+        print(f"[v2_kernel] forward and backward, T={length}: llama {times['llama'] * 1e3:.1f} ms; {ratios}",
+              flush=True)
     report["load_average_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", report)
@@ -225,10 +283,17 @@ def main(argv=None) -> int:
         [[name] + [f"{r['ratio'][name]:.2f}" for r in report["lengths"].values()] for name in names],
     )
     llama_ms = ", ".join(f"{r['llama_ms']:.1f} ms" for r in report["lengths"].values())
-    (args.out / "results.md").write_text(
+    text = (
         f"Version 2's attention kernel, fp32, {report['threads']} threads, {report['cpu']}: cost relative to the "
         f"Llama's SDPA call ({llama_ms}); h={args.heads}, h_kv={args.kv_heads}, d={args.head_dim}.\n\n{table}\n"
     )
+    if report["training"]:
+        rows = report["training"].values()
+        text += "\nForward and backward:\n\n" + markdown_table(
+            ["kernel"] + [f"T={t}" for t in report["training"]],
+            [[name] + [f"{r['ratio'][name]:.2f}" for r in rows] for name in next(iter(rows))["ratio"]],
+        ) + "\n"
+    (args.out / "results.md").write_text(text)
     print(f"[v2_kernel] wrote {args.out}")
     return 0
 

@@ -71,7 +71,8 @@ def test_v2_kernel_benchmark_checks_every_kernel_against_the_models_call(tmp_pat
     toolchain exists the compiled chunks are built and checked too."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "v2_kernel.py"), "--heads", "4", "--kv-heads", "2", "--head-dim",
-         "16", "--lengths", "40", "72", "--chunk-tokens", "16", "--repeats", "1", "--out", str(tmp_path)],
+         "16", "--lengths", "40", "72", "--train-lengths", "40", "--chunk-tokens", "16", "--repeats", "1", "--out",
+         str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -85,4 +86,6 @@ def test_v2_kernel_benchmark_checks_every_kernel_against_the_models_call(tmp_pat
         assert set(row["max_error"]) == ({"chunks-python", "chunks-cpp"} if compiled else {"chunks-python"})
         assert all(error < 1e-5 for error in row["max_error"].values()), row["max_error"]
         assert compiled == ("chunks-cpp, products only" in row["ratio"])
-    assert "sdpa-2h" in (tmp_path / "results.md").read_text()
+    training = report["training"]["40"]  # forward and backward, the chunks' gradients checked against the call's
+    assert set(training["ratio"]) == {"llama", "sdpa-2h", "chunks-python"} and training["max_error"] < 1e-5
+    assert "Forward and backward" in (tmp_path / "results.md").read_text()
