@@ -21,7 +21,8 @@ keys in the backward pass against SDPA's 10 for the two maps and the Llama's 5; 
 
 Every candidate's output (and the chunks' gradients) is checked against `sdpa-2h` before it is timed, the partial
 builds excepted. Ratios are to the Llama's SDPA call (h heads over h_kv), median of round-robin repeats. The
-compiled kernel is a measurement, not a path of the model: it needs a C++ compiler and ninja at run time.
+compiled kernel is a measurement, not a path of the model: it needs a C++ compiler and ninja at run time. CPU
+only: on CUDA the question is a fused kernel's (`benchmarks/gpu_check.sh`).
 
     python benchmarks/v2_kernel.py                       # 1,024 / 2,048 / 4,096 tokens, the perf.py model's layer
     python benchmarks/v2_kernel.py --lengths 64 --repeats 1 --out /tmp/v2-kernel   # a smoke run
