@@ -165,6 +165,18 @@ def v2_layer(h, h_kv, d) -> DiffLlamaAttention:
     return DiffLlamaAttention(config, layer_idx=0)
 
 
+def llama_call(query, key, value):
+    """The Llama's attention: one SDPA call, h query heads (B, h, T, d) over the KV heads."""
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+
+
+def v2_call(query, key, value, lambda_):
+    """Version 2's path: one SDPA call with the 2h query maps of `query` (B, T, 2h, d), then A1 V − λ·A2 V."""
+    out = llama_call(query.transpose(1, 2), key, value).transpose(1, 2)
+    out = out.unflatten(2, (-1, 2))  # (B, T, h, 2, d)
+    return torch.addcmul(out[..., 0, :], lambda_, out[..., 1, :], value=-1)
+
+
 def candidates(h, h_kv, d, T, kernel, chunk_tokens):
     """name -> zero-argument callable returning (B, T, h, d), over one layer's random inputs."""
     groups, scale = h // h_kv, d**-0.5
@@ -174,11 +186,6 @@ def candidates(h, h_kv, d, T, kernel, chunk_tokens):
     llama_query = query[:, :, :h].transpose(1, 2).contiguous()
     layer = v2_layer(h, h_kv, d)
 
-    def sdpa_2h():
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, is_causal=True, enable_gqa=True)
-        out = out.transpose(1, 2).unflatten(2, (h, 2))  # (B, T, h, 2, d)
-        return torch.addcmul(out[..., 0, :], lambda_, out[..., 1, :], value=-1)
-
     def cpp(work):
         # (B·h_kv, T·2G, d) rows (token, map); λ (B·h_kv, T, G); the copies are part of the kernel's cost
         rows = query.view(1, T, h_kv, 2 * groups, d).transpose(1, 2).reshape(h_kv, T * 2 * groups, d)
@@ -187,8 +194,8 @@ def candidates(h, h_kv, d, T, kernel, chunk_tokens):
         return out.view(1, h_kv, T, groups, d).transpose(1, 2).reshape(1, T, h, d)
 
     runs = {
-        "llama": lambda: F.scaled_dot_product_attention(llama_query, key, value, is_causal=True, enable_gqa=True),
-        "sdpa-2h": sdpa_2h,
+        "llama": lambda: llama_call(llama_query, key, value),
+        "sdpa-2h": lambda: v2_call(query, key, value, lambda_),
         "chunks-python": lambda: chunked_attention(layer, query, key, value, None, lambda_)[0],
     }
     if kernel is not None:
@@ -206,14 +213,6 @@ def training_candidates(h, h_kv, d, T):
     layer = v2_layer(h, h_kv, d)
     grad_output = torch.randn(1, T, h, d)
 
-    def sdpa_2h():
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, is_causal=True, enable_gqa=True)
-        out = out.transpose(1, 2).unflatten(2, (h, 2))  # (B, T, h, 2, d)
-        return torch.addcmul(out[..., 0, :], lambda_, out[..., 1, :], value=-1)
-
-    def llama():  # (B, h, T, d)
-        return F.scaled_dot_product_attention(llama_query, key, value, is_causal=True, enable_gqa=True).transpose(1, 2)
-
     def step(forward, inputs):
         def run():
             for tensor in inputs:
@@ -225,8 +224,8 @@ def training_candidates(h, h_kv, d, T):
 
     inputs = (query, key, value, lambda_)
     return {
-        "llama": step(llama, (llama_query, key, value)),
-        "sdpa-2h": step(sdpa_2h, inputs),
+        "llama": step(lambda: llama_call(llama_query, key, value).transpose(1, 2), (llama_query, key, value)),
+        "sdpa-2h": step(lambda: v2_call(query, key, value, lambda_), inputs),
         "chunks-python": step(lambda: chunked_attention(layer, query, key, value, None, lambda_)[0], inputs),
     }
 
