@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "work": str(args.work)}
     started = time.perf_counter()
     lab.execute(planner(settings, results, base, folders), run, results, jobs=args.jobs, threads=args.threads,
-                log=lambda line: print(f"[humaneval] {line}", flush=True),
+                name="humaneval",
                 after=lambda: write_report(results, settings, out))
     write_report(results, settings, out)
     print(f"[humaneval] wrote {out} in {time.perf_counter() - started:.0f} s", flush=True)

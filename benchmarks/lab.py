@@ -412,8 +412,7 @@ def write_json(path: Path, data) -> None:
 
 
 def execute(plan: Callable[[], list[tuple[str, object]]], work: Callable, results: Results, *, jobs: int = 1,
-            threads: int | None = None, log: Callable[[str], None] = print,
-            after: Callable[[], None] | None = None) -> None:
+            threads: int | None = None, name: str = "lab", after: Callable[[], None] | None = None) -> None:
     """Run every task `plan()` returns until it returns none, `jobs` at a time, each result `results.add`ed as it
     arrives.
 
@@ -421,14 +420,15 @@ def execute(plan: Callable[[], list[tuple[str, object]]], work: Callable, result
     sweep, say); it returns `(key, task)` pairs, tasks whose key is not yet in `results`. `work(task)` returns the
     run's record; with `jobs` > 1 it runs in `jobs` spawned processes (so it must be a module-level function and
     the task picklable), each with `threads` torch threads. `after()`, when given, runs after a result at most
-    once a minute (to rewrite a report from the partial results, say).
+    once a minute (to rewrite a report from the partial results, say). Progress lines are printed as `[name] ...`
+    and flushed, so a redirected log shows them while the workers run.
     """
     last_report = time.perf_counter()
 
     def finish(key: str, record: dict) -> None:
         nonlocal last_report
         results.add(key, record)
-        log(f"done {key}")
+        print(f"[{name}] done {key}", flush=True)
         if after is not None and time.perf_counter() - last_report > 60:  # a report a minute is enough
             after()
             last_report = time.perf_counter()

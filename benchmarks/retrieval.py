@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     base_task["max_positions"] = longest
     started = time.perf_counter()
     lab.execute(planner(settings, results, base_task, out / "cache"), run, results, jobs=args.jobs,
-                threads=args.threads, log=lambda line: print(f"[retrieval] {line}", flush=True),
+                threads=args.threads, name="retrieval",
                 after=lambda: write_report(results, out))
     write_report(results, out)
     print(f"[retrieval] wrote {out} ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps", "warmup", "batch_size", "block_size", "eval_every", "eval_subset", "device")}
     base_task["corpus"] = str(corpus_file)
     lab.execute(planner(settings, results, base_task, cache), run, results, jobs=args.jobs, threads=args.threads,
-                log=lambda line: print(f"[scratch] {line}", flush=True), after=lambda: write_report(results, out))
+                name="scratch", after=lambda: write_report(results, out))
     write_report(results, out)
     print(f"[scratch] wrote {out} ({time.perf_counter() - started:.0f} s)", flush=True)
     return 0
