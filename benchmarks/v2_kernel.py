@@ -230,6 +230,15 @@ def training_candidates(h, h_kv, d, T):
     }
 
 
+def ratio_table(by_length: dict) -> str:
+    """A markdown table of each kernel's ratio to the Llama's (rows) at each length (columns)."""
+    rows = list(by_length.values())
+    return markdown_table(
+        ["kernel"] + [f"T={length}" for length in by_length],
+        [[name] + [f"{row['ratio'][name]:.2f}" for row in rows] for name in rows[0]["ratio"]],
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, default=12, help="output heads h (the Llama's heads)")
@@ -275,24 +284,15 @@ def main(argv=None) -> int:
         print(f"[v2_kernel] forward and backward, T={length}: llama {times['llama'] * 1e3:.1f} ms; {ratios}",
               flush=True)
     report["load_average_at_end"] = os.getloadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", report)
-    names = list(next(iter(report["lengths"].values()))["ratio"])
-    table = markdown_table(
-        ["kernel"] + [f"T={t}" for t in report["lengths"]],
-        [[name] + [f"{r['ratio'][name]:.2f}" for r in report["lengths"].values()] for name in names],
-    )
     llama_ms = ", ".join(f"{r['llama_ms']:.1f} ms" for r in report["lengths"].values())
     text = (
         f"Version 2's attention kernel, fp32, {report['threads']} threads, {report['cpu']}: cost relative to the "
-        f"Llama's SDPA call ({llama_ms}); h={args.heads}, h_kv={args.kv_heads}, d={args.head_dim}.\n\n{table}\n"
+        f"Llama's SDPA call ({llama_ms}); h={args.heads}, h_kv={args.kv_heads}, d={args.head_dim}.\n\n"
+        f"{ratio_table(report['lengths'])}\n"
     )
     if report["training"]:
-        rows = report["training"].values()
-        text += "\nForward and backward:\n\n" + markdown_table(
-            ["kernel"] + [f"T={t}" for t in report["training"]],
-            [[name] + [f"{r['ratio'][name]:.2f}" for r in rows] for name in next(iter(rows))["ratio"]],
-        ) + "\n"
+        text += f"\nForward and backward:\n\n{ratio_table(report['training'])}\n"
     (args.out / "results.md").write_text(text)
     print(f"[v2_kernel] wrote {args.out}")
     return 0
