@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from transformers.utils import logging
 
@@ -31,6 +32,13 @@ def parser() -> argparse.ArgumentParser:
     # Two optional positionals: with one path given, `main` decides whether it names the source or the output.
     cli.add_argument("source", nargs="?", metavar="SOURCE", help=helps["source"])
     cli.add_argument("output", nargs="?", metavar="OUTPUT", help=helps["output"])
+    cli.add_argument(
+        "-o",
+        "--output",
+        dest="output_option",
+        metavar="OUTPUT",
+        help="OUTPUT as an option, the way to name it when SOURCE is left to its default.",
+    )
     cli.add_argument("--strategy", choices=STRATEGIES, default="v2", help=helps["strategy"])
     preserve = cli.add_mutually_exclusive_group()
     preserve.add_argument("--preserve", action="store_true", default=None, help=helps["preserve"])
@@ -67,11 +75,31 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def _paths(args) -> tuple[str | None, str | None]:
-    """(source, output) from the positionals: a lone path that names a checkpoint is the source, else the output."""
+    """(source, output) from the positionals and `--output`.
+
+    A lone path is the source when it names an existing checkpoint, and the output when it is an existing folder of
+    anything else or a new bare name. A new path that reads as a checkpoint (a Hub id, a .gguf name, a path with a
+    separator) is a missing source: an uncached Hub id or a typo must not become the output of a conversion of the
+    default model.
+    """
+    if args.output_option is not None:
+        if args.output is not None:
+            raise ConversionError(
+                f"OUTPUT given twice ({args.output} and --output {args.output_option}): give one of them."
+            )
+        return args.source, args.output_option
     if args.output is not None or args.source is None:
         return args.source, args.output
     if sources.looks_like_source(args.source):
         return args.source, None
+    if not Path(args.source).expanduser().exists() and sources.names_a_checkpoint(args.source):
+        try:
+            sources.resolve(args.source)
+        except ConversionError as missing:
+            raise ConversionError(
+                f"{missing} One path alone is read as the SOURCE when it looks like a checkpoint; to convert the "
+                f"default model into a new folder {args.source}, run `python -m conversion --output {args.source}`."
+            ) from None
     return None, args.source
 
 
@@ -82,7 +110,11 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     cli = parser()
     args = cli.parse_args(argv)
-    source, output = _paths(args)
+    try:
+        source, output = _paths(args)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
     # Our progress and results at INFO; transformers' own loading chatter only with --debug.
     handler = std_logging.StreamHandler(sys.stderr)

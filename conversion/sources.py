@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,8 +254,13 @@ def is_gguf(path: Path) -> bool:
     return path.suffix.lower() == ".gguf"
 
 
+def names_a_checkpoint(argument: str) -> bool:
+    """Whether a command-line path reads as a checkpoint's name: a .gguf file, a Hub id or a path with a separator."""
+    return is_gguf(Path(argument)) or "/" in argument or os.sep in argument
+
+
 def looks_like_source(argument: str) -> bool:
-    """Whether a lone command-line path names a checkpoint (a model folder, a .gguf file, a cached Hub id)."""
+    """Whether a lone command-line path names an existing checkpoint (a model folder, a .gguf file, a cached Hub id)."""
     path = Path(argument).expanduser()
     if path.is_dir():
         return (path / "config.json").is_file()
@@ -286,19 +292,19 @@ def resolve(source: str | Path | None, *, progress: bool = True) -> Source:
         folder = path.absolute()
         source = Source(name=str(source), folder=folder, shard_files=_shard_files(folder), progress=progress)
         return _with_config(source)
-    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise ConversionError(
-            f"source {source} is not a model folder, a .gguf file or a Hub id (owner/name): check the path."
-        )
+    if path.exists():
+        raise ConversionError(f"source {source} is a file, not a model folder or a .gguf file: check the path.")
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise ConversionError(f"source {source} does not exist: check the path.")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         folder = Path(snapshot_download(repo_id=str(source), local_files_only=True))
-    except LocalEntryNotFoundError as error:
+    except (LocalEntryNotFoundError, ValueError) as error:
         raise ConversionError(
-            f"{source} is not in the local Hugging Face cache and conversion works offline: download it first with "
-            f"`hf download {source}`, or pass a local folder."
+            f"source {source} is not a local folder, and as a Hub id it is not in the local Hugging Face cache "
+            f"(conversion works offline): check the path, or download it first with `hf download {source}`."
         ) from error
     return _with_config(
         Source(name=str(source), folder=folder, hub_id=str(source), shard_files=_shard_files(folder), progress=progress)

@@ -14,6 +14,7 @@ from conftest import ROOT
 
 from conversion import ConversionError, convert
 from conversion import output as outputs
+from conversion import sources
 from conversion.__main__ import main
 from finetune import finetune
 from test_bad_input import snapshot
@@ -103,6 +104,31 @@ def test_one_path_that_is_a_model_folder_is_the_source(tmp_path, llama, monkeypa
     assert snapshot(llama) == before
     config = json.loads((tmp_path / "out" / "llama-v2" / "config.json").read_text())
     assert config["model_type"] == "diff_llama" and config["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize(
+    "argument", ["HuggingFaceTB/SmolLM2-360M-Instruct", "my-model.gguf", "models/lama/v2", "./models/llama-3"]
+)
+def test_one_missing_path_that_names_a_checkpoint_is_a_missing_source(tmp_path, llama, monkeypatch, capsys, argument):
+    """An uncached Hub id or a mistyped source, given alone, must not become the output of the default model."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "default_source", lambda: llama)  # what would be converted by mistake
+    before = snapshot(tmp_path)
+    assert main([argument, "--no-verify", "--no-progress"]) == 1
+    message = capsys.readouterr().err
+    assert argument in message and f"--output {argument}" in message
+    assert "does not exist" in message or "not in the local Hugging Face cache" in message
+    assert snapshot(tmp_path) == before
+
+
+def test_the_default_source_into_a_named_output(tmp_path, llama, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "default_source", lambda: llama)
+    assert main(["--output", "models/mine", "--no-verify", "--no-progress"]) == 0
+    assert (tmp_path / "models" / "mine" / "config.json").is_file()
+    assert main(["mine", "--no-verify", "--no-progress"]) == 0  # a new bare name alone is still the output
+    assert (tmp_path / "mine" / "config.json").is_file()
+    assert main([str(llama), "a", "--output", "b", "--no-verify"]) == 1
 
 
 def test_interrupted_overwrite_puts_the_old_output_back(tmp_path, llama, monkeypatch, capsys):
