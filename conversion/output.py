@@ -10,6 +10,7 @@ a kill, at the start of the next conversion into the same folder.
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,13 +82,14 @@ def check_output(output: Path, *, source: Path, overwrite: bool) -> None:
 class Manifest:
     """A file by which a tool recognises a folder as its own output: it lists every file the tool wrote there.
 
-    `also_ours` are folder prefixes whose files the tool writes as it goes (a training run's checkpoints), so they
-    count as its own without being listed.
+    `also_ours` is a pattern for the paths of files the tool writes as it goes (a training run's checkpoints), so
+    they count as its own without being listed; it must match a whole path, so a user's folder beside them (a
+    hand-copied `checkpoints/best/`) stays foreign.
     """
 
     name: str
     written_by: str
-    also_ours: tuple[str, ...] = ()
+    also_ours: str | None = None
 
     def read(self, folder: Path) -> dict | None:
         try:
@@ -102,7 +104,8 @@ class Manifest:
         if manifest is None:
             return None
         listed = set(manifest.get("files", [])) | {self.name}
-        return [name for name in files_under(folder) if name not in listed and not name.startswith(self.also_ours)]
+        ours = re.compile(self.also_ours).fullmatch if self.also_ours else lambda name: False
+        return [name for name in files_under(folder) if name not in listed and not ours(name)]
 
     def write(self, folder: Path, facts: dict, files: list[str] | None = None) -> None:
         """Record `facts` and `files` (default: every file now in `folder`) as this tool's."""
@@ -173,8 +176,8 @@ def _running(folder: Path) -> bool:
     return True
 
 
-def move_into_place(temp: Path, output: Path) -> None:
-    """Rename the finished `temp` to `output`, swapping out an earlier output that `check_output` allowed.
+def move_into_place(temp: Path, output: Path, *, manifest: Manifest = CONVERSION) -> None:
+    """Rename the finished `temp` to `output`, swapping out an earlier output of the tool that `manifest` names.
 
     Interrupted between the two renames (Ctrl-C, SIGTERM, an error), the old output is renamed back before the
     exception goes on; killed there, `recover` puts it back on the next run.
@@ -184,9 +187,12 @@ def move_into_place(temp: Path, output: Path) -> None:
     if not output.exists():
         temp.rename(output)
         return
-    if foreign_files(output) != []:  # it changed while the conversion ran
+    changed = manifest.foreign_files(output)
+    if changed != []:  # it changed while the new output was written
+        added = f" (files added: {', '.join(changed[:3])})" if changed else ""
         raise ConversionError(
-            f"output {output} appeared or changed during the conversion: nothing was replaced; choose another folder."
+            f"output {output} appeared or changed while the new one was written{added}: nothing was replaced; "
+            "choose another folder."
         )
     replaced = _replaced_folder(output, os.getpid())
     output.rename(replaced)

@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = finetune(**args)
     except (OSError, ValueError) as error:  # missing folders, unloadable checkpoints, inconsistent options
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; continue from the last checkpoint with --resume\n")
+    except KeyboardInterrupt as interrupted:
+        said = str(interrupted) or "interrupted; continue from the last checkpoint with --resume"
+        parser.exit(130, f"{parser.prog}: {said}\n")
     logging.getLogger("finetune").info(
         f"held-out perplexity {metrics['held_out_perplexity_before']:.3f} -> {metrics['held_out_perplexity_after']:.3f}"
     )

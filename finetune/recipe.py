@@ -21,6 +21,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from configuration_diff import AUTO_MAP
+from conversion import output as outputs
+from conversion.errors import ConversionError
 from conversion.output import Manifest, files_under, inside
 
 # Registers `diff_llama` with the Auto classes, so our checkpoints load without trust_remote_code.
@@ -36,8 +38,10 @@ MODES = ("lora", "full")
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
 MERGED_DIR = "merged"
-# How `finetune` recognises its own earlier output: a run's checkpoints count as its own as they are written.
-RUN_MANIFEST = Manifest("finetune_run.json", "diffllama finetune", also_ours=(f"{CHECKPOINTS_DIR}/",))
+# How `finetune` recognises its own earlier output: the Trainer's checkpoints count as its own as they are written.
+RUN_MANIFEST = Manifest("finetune_run.json", "diffllama finetune", also_ours=rf"{CHECKPOINTS_DIR}/checkpoint-\d+/.+")
+# Where a replacement run (`overwrite`) is built, beside the output; the same name in every process of a run.
+REPLACEMENT_MARK = ".finetune-replacement"
 # The files a Trainer checkpoint must hold to continue a run where it stopped (trainer_state.json included).
 RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
@@ -160,9 +164,9 @@ def _hub_offline() -> bool:
 def check_output(output: Path, *, model: str, resume: bool | str, overwrite: bool) -> bool:
     """Refuse an output that would overwrite the model, the current folder or files `finetune` did not write.
 
-    An earlier run's output is continued with `resume`, or replaced with `overwrite` (its files only, by
-    `clear_earlier_run` once the new run has loaded its model and data); returns whether it is to be replaced.
-    Nothing is changed here, so every process of a multi-process run can check first.
+    An earlier run's output is continued with `resume`, or replaced with `overwrite` (a new run built beside it,
+    `replacement_folder`, and swapped in when complete); returns whether it is to be replaced. Nothing is changed
+    here, so every process of a multi-process run can check first.
     """
     real = output.resolve()
     if Path(model).is_dir():
@@ -195,16 +199,24 @@ def check_output(output: Path, *, model: str, resume: bool | str, overwrite: boo
     return True
 
 
-def clear_earlier_run(output: Path) -> None:
-    """Delete what an earlier run wrote into `output` (the files its manifest lists and its checkpoints)."""
-    manifest = RUN_MANIFEST.read(output) or {}
-    for name in manifest.get("files", []):
-        (output / name).unlink(missing_ok=True)
-    shutil.rmtree(output / CHECKPOINTS_DIR, ignore_errors=True)
-    for folder in sorted((p for p in output.rglob("*") if p.is_dir()), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()  # the folders its files were in (merged/), once emptied
-    (output / RUN_MANIFEST.name).unlink(missing_ok=True)
+def replacement_folder(output: Path) -> Path:
+    """Where a run that replaces `output` is built: beside it, swapped in by `outputs.move_into_place` when complete."""
+    return output.parent / f".{output.name}{REPLACEMENT_MARK}"
+
+
+def clear_unfinished_replacement(folder: Path) -> None:
+    """Remove what an interrupted replacement run left in `folder` (only if all of it is finetune's own)."""
+    if not folder.exists():
+        return
+    foreign = RUN_MANIFEST.foreign_files(folder)
+    if foreign is None:  # not started writing: at most the empty folders the Trainer made
+        foreign = files_under(folder)
+    if foreign:
+        raise ValueError(
+            f"{folder}, where a replacement run is built, holds files finetune did not write: move them and run again"
+        )
+    logger.warning(f"removing {folder}, an unfinished replacement run")
+    shutil.rmtree(folder)
 
 
 def _check_positive(**values) -> None:
@@ -320,7 +332,11 @@ def finetune(
     if merge and mode != "lora":
         raise ValueError("merge applies to LoRA training only; full fine-tuning already writes a plain model")
     model = resolve_model(model)
+    outputs.recover(output)  # an earlier replacement killed between its two renames
     replacing = check_output(output, model=model, resume=resume, overwrite=overwrite)
+    final_output = output
+    if replacing:  # the earlier run stays untouched until the new one is complete
+        output = replacement_folder(final_output)
     checkpoints = output / CHECKPOINTS_DIR
     resume_from = _resume_checkpoint(resume, checkpoints)
 
@@ -396,7 +412,7 @@ def finetune(
     facts = {"model": model, "mode": mode, "data": str(data), "steps": steps, "block_size": block_size, "seed": seed}
     if main_process:
         if replacing:
-            clear_earlier_run(output)
+            clear_unfinished_replacement(output)
         output.mkdir(parents=True, exist_ok=True)
         RUN_MANIFEST.write(output, facts, files=[])  # from here on the folder is this run's, checkpoints included
 
@@ -405,7 +421,15 @@ def finetune(
     loss_before = held_out_loss(trained, corpus.held_out, batch_size=batch_size, progress=progress)
     logger.info(f"held-out perplexity before training: {math.exp(loss_before):.3f}")
     since = phase_done("scoring_before", since)
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        if replacing:
+            raise KeyboardInterrupt(
+                f"interrupted: the earlier run in {final_output} is unchanged; the unfinished replacement in {output} "
+                "is removed by the next --overwrite"
+            ) from None
+        raise
     since = phase_done("training", since)
     loss_after = held_out_loss(trained, corpus.held_out, batch_size=batch_size, progress=progress)
     logger.info(f"held-out perplexity after {trainer.state.global_step} steps: {math.exp(loss_after):.3f}")
@@ -419,7 +443,7 @@ def finetune(
         _drop_foreign_code(merged.config)
         merged.save_pretrained(output / MERGED_DIR)
         tokenizer.save_pretrained(output / MERGED_DIR)
-        logger.info(f"wrote the merged model (adapter folded into the weights) to {output / MERGED_DIR}")
+        logger.info(f"wrote the merged model (adapter folded into the weights) to {final_output / MERGED_DIR}")
     since = phase_done("saving", since)
 
     metrics = {
@@ -446,7 +470,13 @@ def finetune(
         (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         written = [name for name in files_under(output) if not name.startswith(f"{CHECKPOINTS_DIR}/")]
         RUN_MANIFEST.write(output, facts, files=written)
-        logger.info(f"wrote {output / METRICS_FILE}")
+        if replacing:
+            try:
+                outputs.move_into_place(output, final_output, manifest=RUN_MANIFEST)
+            except ConversionError as changed:
+                raise ValueError(f"{changed} The new run is complete in {output}.") from None
+            logger.info(f"replaced the earlier run in {final_output}")
+        logger.info(f"wrote {final_output / METRICS_FILE}")
     return metrics
 
 

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer
 
 import modeling_diff
 from configuration_diff import DiffLlamaConfig
@@ -261,6 +261,40 @@ def test_an_earlier_run_is_continued_or_replaced_only_when_asked(v2_checkpoint, 
     written = {p.name for p in (tmp_path / "run").iterdir()}
     assert "adapter_config.json" not in written and "merged" not in written and "model.safetensors" in written
     assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINTS_DIR).iterdir()) == ["checkpoint-3"]
+
+
+def test_a_failed_or_interrupted_replacement_leaves_the_earlier_run_whole(v2_checkpoint, data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(v2_checkpoint, run, data_dir, steps=2, mode="lora")
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+
+    def fail(self, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train", fail)
+        with pytest.raises(KeyboardInterrupt, match=f"earlier run in {run} is unchanged"):
+            train(v2_checkpoint, run, data_dir, steps=3, overwrite=True)
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+    assert (tmp_path / ".run.finetune-replacement").is_dir()  # the unfinished replacement, beside the output
+
+    replaced = train(v2_checkpoint, run, data_dir, steps=3, overwrite=True)  # removes it, then swaps in when complete
+    assert replaced["steps"] == 3 and json.loads((run / METRICS_FILE).read_text())["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in (run / CHECKPOINTS_DIR).iterdir()) == ["checkpoint-3"]
+
+
+def test_overwrite_never_removes_files_the_user_put_among_the_checkpoints(v2_checkpoint, data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(v2_checkpoint, run, data_dir, steps=2)
+    kept = run / CHECKPOINTS_DIR / "best-by-hand"
+    shutil.copytree(run / CHECKPOINTS_DIR / "checkpoint-2", kept)
+    (kept / "notes.txt").write_text("the one to ship")
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    with pytest.raises(ValueError, match=r"holds files finetune did not write \(checkpoints/best-by-hand/.*nothing was changed"):
+        train(v2_checkpoint, run, data_dir, steps=3, overwrite=True)
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_adapter_loads_from_any_working_folder(v2_checkpoint, data_dir, tmp_path, monkeypatch):
