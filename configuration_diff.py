@@ -24,6 +24,16 @@ AUTO_MAP = {
     "AutoModelForQuestionAnswering": "modeling_diff.DiffLlamaForQuestionAnswering",
 }
 
+# The class names a saved folder lists in `architectures`. Tools that pick a model class by that name look it up in
+# `transformers` first (TRL's trainers and reference models, `transformers serve`, vLLM), and there
+# `DiffLlamaForCausalLM` is the built-in, incompatible `diffllama`. Under a name transformers does not have, they fall
+# back to `auto_map` (TRL, vLLM's Transformers backend) or find our vLLM plugin (`vllm_diffllama`), which registers
+# it. The classes keep their names in Python; folders saved with the old names still load (by model type).
+SAVED_ARCHITECTURES = {
+    f"DiffLlama{head}": f"DifferentialLlama{head}"
+    for head in ("Model", "ForCausalLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+}
+
 # What the model is tested with. Any other function registered with transformers' `AttentionInterface`, and any Hub
 # kernel, is accepted too: the model calls it with standard shapes (queries, keys and values of equal width, 2h query
 # heads over h_kv).
@@ -95,6 +105,13 @@ class DiffLlamaConfig(LlamaConfig):
         self.auto_map = {**AUTO_MAP, **self.auto_map}
         self._check(kwargs.get("attn_implementation"))
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The config as saved, our classes listed in `architectures` under their saved names (`SAVED_ARCHITECTURES`)."""
+        output = super().to_dict()
+        if output.get("architectures"):
+            output["architectures"] = [SAVED_ARCHITECTURES.get(name, name) for name in output["architectures"]]
+        return output
 
     def _check(self, attn_implementation: str | None) -> None:
         """Refuse, with the numbers, what cannot build a working model (raised here, unwrapped, as ValueError)."""
@@ -180,7 +197,14 @@ class DiffLlamaConfig(LlamaConfig):
                 attention["layers.*.self_attn.head_norm"] = "replicated_with_grad_allreduce"
         elif self.diff_version == 2:
             attention["layers.*.self_attn.lambda_proj"] = "colwise"
-        return {**LlamaConfig.base_model_tp_plan, **attention}
+        return {**LlamaConfig.base_model_tp_plan, **attention, **self.__dict__.get("base_model_tp_plan", {})}
+
+    @base_model_tp_plan.setter
+    def base_model_tp_plan(self, plan: dict[str, str]) -> None:
+        # transformers 5.16-5.19 (vLLM's pin) extend the plan of a config with tied embeddings by assignment; keep
+        # what they add beside the plan computed above. Not serialised: transformers drops this key when saving.
+        computed = type(self).base_model_tp_plan.fget(self)
+        self.__dict__["base_model_tp_plan"] = {key: value for key, value in plan.items() if computed.get(key) != value}
 
     def _check_dex_heads(self) -> None:
         if self.dex_heads is None:
