@@ -1,0 +1,237 @@
+"""Serving with vLLM through `vllm_diffllama`: vLLM's tokens are our `generate()`'s, for every version.
+
+vLLM pins its own torch and transformers, so it lives in an environment of its own (`.ci/run` builds it as
+`.venv-vllm`; `DIFFLLAMA_VLLM_PYTHON` names another). The reference is computed here with our model, and vLLM runs
+in a subprocess of that environment (`vllm_worker.py`). The models are tiny but have what vLLM must get right: GQA,
+tied embeddings, a version-1 head norm with trained gains, DEX on a subset of heads with biases on q/k/v only, and
+head widths vLLM's CPU attention supports (32 and 64).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, free_port
+
+import modeling_diff
+from configuration_diff import DiffLlamaConfig
+
+VLLM_PYTHON = Path(os.environ.get("DIFFLLAMA_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+WORKER = Path(__file__).with_name("vllm_worker.py")
+# |vLLM's log-probability − ours| for each greedy token, fp32: summation order differs (measured up to 2e-5).
+LOGPROB_TOLERANCE = 1e-4
+MAX_TOKENS = 8
+
+if not VLLM_PYTHON.is_file():
+    if os.environ.get("CI"):
+        raise RuntimeError(f"no vLLM environment at {VLLM_PYTHON}: .ci/run builds it")
+    pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (see .ci/run)", allow_module_level=True)
+
+# Different lengths; the two longest share 32 tokens, so the second reads the first's cached blocks; with at most 16
+# tokens a step, the long ones are prefilled in chunks.
+PROMPTS = [
+    [3, 17, 99, 5, 42],
+    list(range(10, 50)),
+    [7],
+    [200, 31, 64, 9, 88, 150, 12, 250, 3, 44, 45, 46, 47, 48, 49, 60, 61, 62, 63, 64, 65, 66, 67],
+    list(range(10, 42)) + [90, 91, 92, 93, 94],
+]
+
+MODELS = {
+    "v1": dict(diff_version=1, head_dim=32),  # caches 64 wide ([K1 | K2], 2d values)
+    "v2": dict(diff_version=2),
+    "v2-mha-untied": dict(diff_version=2, num_key_value_heads=4, tie_word_embeddings=False),
+    "dex": dict(diff_version="dex", dex_heads=[[0, 3], [1]], attention_bias=True, o_proj_bias=False),
+}
+
+
+def tiny_model(folder: Path, **overrides) -> modeling_diff.DiffLlamaForCausalLM:
+    config = DiffLlamaConfig(
+        **{
+            "vocab_size": 384,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": True,
+            "eos_token_id": 0,
+            **overrides,
+        }
+    )
+    torch.manual_seed(0)
+    model = modeling_diff.DiffLlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2:  # peaked logits: greedy choices far from ties
+                parameter.mul_(5)
+            elif name.endswith(("head_norm.weight", "bias")):  # trained-looking gains and biases
+                parameter.normal_(1.0 if "norm" in name else 0.0, 0.2)
+        for layer in model.model.layers:
+            if config.diff_version == "dex":  # DEX after training: f_D and λ away from zero
+                layer.self_attn.dex.weight.normal_(0, 0.3)
+                layer.self_attn.dex.lambda_.fill_(0.7)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def reference(model, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+    """Our greedy tokens and the log-probability of each."""
+    tokens, logprobs = [], []
+    for prompt in prompts:
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+            output_scores=True, return_dict_in_generate=True,
+        )
+        new = out.sequences[0, len(prompt):].tolist()
+        steps = torch.stack(out.scores)[:, 0].log_softmax(-1)  # (steps, vocab)
+        tokens.append(new)
+        logprobs.append(steps[torch.arange(len(new)), new].tolist())
+    return tokens, logprobs
+
+
+def run_vllm(models: list[dict], *, env: dict | None = None, timeout: int = 600) -> list[dict]:
+    job = json.dumps({"models": models})
+    environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": str(ROOT), **(env or {})}
+    result = subprocess.run(
+        [str(VLLM_PYTHON), str(WORKER), job], capture_output=True, text=True, timeout=timeout, env=environment,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("VLLM-RESULT ")]
+    assert result.returncode == 0 and lines, result.stderr[-4000:]
+    return json.loads(lines[-1].removeprefix("VLLM-RESULT "))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    made = {}
+    for name, overrides in MODELS.items():
+        model = tiny_model(root / name, **overrides)
+        made[name] = (root / name, *reference(model, PROMPTS))
+    return made
+
+
+def check_against_reference(result: dict, tokens, logprobs, name: str) -> None:
+    assert "error" not in result, result.get("error")
+    assert result["tokens"] == tokens, f"{name}: vLLM's greedy tokens differ from generate()'s"
+    assert result["repeat"] == tokens, f"{name}: the pass over the prefix cache differs"
+    for ours, theirs in zip(logprobs, result["logprobs"]):
+        assert max(abs(a - b) for a, b in zip(ours, theirs)) < LOGPROB_TOLERANCE, name
+
+
+def test_every_version_generates_our_tokens_with_prefix_caching_and_chunked_prefill(folders):
+    jobs = [{"folder": str(folder), "prompts": PROMPTS, "max_tokens": MAX_TOKENS} for folder, _, _ in folders.values()]
+    for name, result in zip(folders, run_vllm(jobs)):
+        _, tokens, logprobs = folders[name]
+        check_against_reference(result, tokens, logprobs, name)
+        # the second pass found the long prompts' first block (32 tokens) in the prefix cache
+        assert result["repeat_cached_tokens"][1] >= 32 and result["repeat_cached_tokens"][4] >= 32, name
+
+
+def test_tensor_parallel_over_two_processes(folders):
+    jobs = [
+        {"folder": str(folders[name][0]), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
+         "engine": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}}
+        for name in ("v1", "v2")
+    ]
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    for name, result in zip(("v1", "v2"), run_vllm(jobs, env=env)):
+        _, tokens, logprobs = folders[name]
+        check_against_reference(result, tokens, logprobs, f"{name}, TP=2")
+
+
+def test_what_cannot_be_served_is_refused_by_name(tmp_path):
+    from transformers import DiffLlamaConfig as BuiltinConfig, DiffLlamaForCausalLM as Builtin
+
+    builtin = tmp_path / "builtin"
+    Builtin(BuiltinConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)).save_pretrained(builtin)
+    unknown = tmp_path / "unknown"
+    tiny_model(unknown, diff_version=2)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "diff_version": 3}))
+    jobs = [{"folder": str(folder), "prompts": [[1, 2]], "max_tokens": 1} for folder in (builtin, unknown)]
+    refused_builtin, refused_unknown = run_vllm(jobs)
+    assert "built-in `diffllama`" in refused_builtin["error"]
+    assert "from_builtin_diffllama" in refused_builtin["error"]
+    assert "diff_version (3)" in refused_unknown["error"]
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|endoftext|>{{ message['role'] }}\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}"
+)
+
+CLIENT = """
+import json, sys
+from openai import OpenAI
+client = OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="unused")
+model = client.models.list().data[0].id
+completion = client.completions.create(
+    model=model, prompt=sys.argv[2], max_tokens=6, temperature=0, logprobs=1,
+    extra_body={"return_tokens_as_token_ids": True},  # "token_id:N": a random model's bytes need not be UTF-8
+)
+chat = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "def add(a, b):"}], max_tokens=6, temperature=0
+)
+tokens = [int(token.removeprefix("token_id:")) for token in completion.choices[0].logprobs.tokens]
+print(json.dumps({"completion": tokens, "completion_tokens": completion.usage.completion_tokens,
+                  "chat": chat.choices[0].message.content, "chat_tokens": chat.usage.completion_tokens}))
+"""
+
+
+def test_openai_server_answers_a_completion_and_a_chat(tmp_path):
+    from test_trainer import byte_level_tokenizer  # a small BPE tokenizer trained here, no download
+
+    folder = tmp_path / "v2-chat"
+    model = tiny_model(folder, diff_version=2)
+    tokenizer = byte_level_tokenizer([Path(shutil.__file__)])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    prompt = "def main(args):"
+    ids = tokenizer(prompt)["input_ids"]
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(ids):]
+
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the server did not start in 300 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        answer = subprocess.run([str(VLLM_PYTHON), "-c", CLIENT, str(port), prompt], capture_output=True, text=True,
+                                timeout=120)
+        assert answer.returncode == 0, answer.stderr[-3000:]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    assert server.returncode is not None
+    result = json.loads(answer.stdout.strip().splitlines()[-1])
+    assert result["completion_tokens"] == 6 and result["chat_tokens"] >= 1
+    assert result["completion"] == expected.tolist()
+    assert isinstance(result["chat"], str)
