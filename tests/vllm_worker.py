@@ -21,7 +21,7 @@ def generate(model: dict) -> dict:
             model=model["folder"],
             dtype="float32",
             skip_tokenizer_init=True,
-            kv_cache_memory_bytes=64 << 20,
+            kv_cache_memory_bytes=model.get("kv_cache_memory_bytes", 64 << 20),
             max_model_len=512,
             enable_prefix_caching=True,
             block_size=32,  # the CPU's default of 128 would leave these short prompts no full block to cache
