@@ -291,3 +291,33 @@ def test_openai_server_answers_a_completion_and_a_chat(tmp_path):
     assert result["completion_tokens"] == 6 and result["chat_tokens"] >= 1
     assert result["completion"] == expected.tolist()
     assert isinstance(result["chat"], str)
+
+
+def test_serving_benchmark_smoke_run(tmp_path):
+    """benchmarks/serving.py end to end on a tiny Llama: every model served, ratios reported, a rerun resumes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_trainer import MODULES, STDLIB, byte_level_tokenizer
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serving
+
+    source = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 tie_word_embeddings=True)).save_pretrained(source)
+    byte_level_tokenizer([STDLIB / f"{name}.py" for name in MODULES]).save_pretrained(source)
+    argv = ["--quick", "--source", str(source), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+            "--vllm-python", str(VLLM_PYTHON)]
+    assert serving.main(argv) == 0
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert set(runs) == {f"{tool}/{name}/float32" for tool in ("vllm", "generate") for name in serving.MODELS}
+    for name in serving.MODELS:
+        (row,) = runs[f"vllm/{name}/float32"]["rows"]
+        assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["new_tokens"] == 4
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| widened | float32 | 1 | 64 |" in table and "vLLM against `generate()`" in table
+    assert (tmp_path / "out" / "results.png").is_file()
+    before = (tmp_path / "out" / "results.json").read_text()
+    assert serving.main(argv) == 0  # everything done: nothing is measured again
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"] == json.loads(before)["runs"]
