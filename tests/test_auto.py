@@ -70,6 +70,53 @@ def test_builtin_diffllama_still_loads_its_own_class(tmp_path):
     assert type(AutoConfig.from_pretrained(tmp_path)) is BuiltinDiffLlamaConfig
 
 
+def class_by_saved_name(folder, **kwargs):
+    """How TRL's trainers (`create_model_from_path`), `transformers serve` and vLLM pick a model class: the name in
+    `architectures` looked up in transformers, and (TRL, vLLM's Transformers backend) `auto_map` where it has none."""
+    import transformers
+
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    return getattr(transformers, config.architectures[0], None) or AutoModelForCausalLM
+
+
+@pytest.mark.parametrize("auto_class", AUTO_CLASSES, ids=lambda c: c.__name__)
+def test_saved_class_names_are_not_transformers_own(tmp_path, auto_class):
+    import transformers
+
+    ours = AUTO_CLASSES[auto_class]
+    ours(tiny_config(diff_version=2)).save_pretrained(tmp_path)
+    (name,) = json.loads((tmp_path / "config.json").read_text())["architectures"]
+    assert name == configuration_diff.SAVED_ARCHITECTURES[ours.__name__] == ours.__name__.replace("Diff", "Differential")
+    assert not hasattr(transformers, name)  # so no tool that trusts the name gets the built-in model
+    assert ours.__name__ in dir(transformers)  # the name it replaces is the built-in's
+
+
+def test_tools_that_pick_the_class_by_its_saved_name_get_ours(tmp_path):
+    model = modeling_diff.DiffLlamaForCausalLM(tiny_config(diff_version=1)).eval()
+    model.save_pretrained(tmp_path / "ours")
+    assert type(class_by_saved_name(tmp_path / "ours").from_pretrained(tmp_path / "ours")) is type(model)
+    # the built-in's folders still name, and load as, the built-in
+    builtin_config = BuiltinDiffLlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4)
+    builtin.DiffLlamaForCausalLM(builtin_config).save_pretrained(tmp_path / "builtin")
+    loaded = class_by_saved_name(tmp_path / "builtin").from_pretrained(tmp_path / "builtin")
+    assert type(loaded) is builtin.DiffLlamaForCausalLM
+
+
+def test_a_folder_saved_with_the_old_name_loads_unchanged_and_resaves_with_the_new(tmp_path):
+    model = modeling_diff.DiffLlamaForCausalLM(tiny_config(diff_version=2)).eval()
+    model.save_pretrained(tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "architectures": ["DiffLlamaForCausalLM"]}))  # as saved before
+    ids = torch.randint(1, 128, (1, 7))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "old").eval()
+    assert type(reloaded) is modeling_diff.DiffLlamaForCausalLM
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    reloaded.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["architectures"] == ["DifferentialLlamaForCausalLM"]
+
+
 def _run_isolated(code: str, tmp_path: Path, block_package: bool, stdin: str = "") -> str:
     """Run `code` in a fresh interpreter whose sys.path does not reach this checkout."""
     prelude = "import sys\n"
@@ -113,6 +160,11 @@ def test_remote_code_loads_without_this_package(tmp_path, version):
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         assert type(model).__name__ == "DiffLlamaForCausalLM"
         assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        # TRL's lookup: the saved name is not transformers', so it falls back to auto_map, our remote code
+        import transformers
+        from transformers import AutoConfig
+        saved = AutoConfig.from_pretrained({str(folder)!r}, trust_remote_code=True).architectures[0]
+        assert saved == "DifferentialLlamaForCausalLM" and getattr(transformers, saved, None) is None
         # the snapshot carries the chunked CPU path: inference above, and a training step through its backward pass
         chunked = [name for name in sys.modules if name.startswith("transformers_modules.")]
         assert any(name.endswith(".chunked_attention") for name in chunked), chunked

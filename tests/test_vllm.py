@@ -196,10 +196,10 @@ def test_tensor_parallel_over_two_processes(folders):
     jobs = [
         {"folder": str(folders[name][0]), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
          "engine": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp", **EAGER}}
-        for name in ("v1", "v2")
+        for name in ("v1", "v2", "dex")
     ]
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    for name, result in zip(("v1", "v2"), run_vllm(jobs, env=env)):
+    for name, result in zip(("v1", "v2", "dex"), run_vllm(jobs, env=env)):
         _, tokens, logprobs = folders[name]
         check_against_reference(result, tokens, logprobs, f"{name}, TP=2")
 
