@@ -53,7 +53,7 @@ def measure_in_vllm(job: dict) -> dict:
               max_num_seqs=max(batch for batch, _ in grid), max_num_batched_tokens=budget,
               enable_prefix_caching=False,  # every prompt is prefilled in full
               disable_log_stats=False,  # per-request timestamps
-              enforce_eager=job["quick"])  # a smoke run skips compiling
+              enforce_eager=not job["compile"])
     params = SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True, temperature=0.0, detokenize=False)
     rng = random.Random(0)
     vocab = json.loads((Path(job["folder"]) / "config.json").read_text())["vocab_size"]
@@ -100,9 +100,10 @@ def folders(work: Path, source: Path | None) -> dict[str, Path]:
 
 
 def run_vllm(python: Path, job: dict) -> dict:
-    # The engine in its own process, as when serving; a smoke run keeps it in-process (seconds to start, not 30).
+    # On a CPU the engine runs in this process: as a process of its own, its busy loop takes one of two cores from
+    # the model. On a GPU it runs as when serving.
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lab.ROOT), str(lab.ROOT / "benchmarks")]),
-                   "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if job["quick"] else "1"}
+                   "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if job["device"].startswith("cuda") else "0"}
     process = subprocess.run([str(python), __file__, "--in-vllm", json.dumps(job)], env=environment, text=True,
                              stdout=subprocess.PIPE, stderr=None)  # vLLM's log goes straight to the terminal
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
@@ -222,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vllm-python", type=Path, default=lab.ROOT / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--work", type=Path, default=None, help="model folders (default: OUT/cache)")
     parser.add_argument("--source", type=Path, default=None, help="a Llama folder instead of SmolLM2-135M-Instruct")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="vLLM's torch.compile and CUDA graphs (default: on with CUDA; off on CPU, where compiling "
+                             "takes minutes an engine)")
     parser.add_argument("--in-vllm", help=argparse.SUPPRESS)  # the measuring process, in vLLM's environment
     parser.set_defaults(threads=os.cpu_count())  # generate() gets every core, as vLLM's engine does
     args = parser.parse_args(argv)
@@ -232,10 +236,12 @@ def main(argv=None) -> int:
     grid = QUICK_GRID if args.quick else FULL_GRID if args.full or args.device.startswith("cuda") else CPU_GRID
     dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
     new_tokens = 4 if args.quick else args.new_tokens
+    if args.compile is None:
+        args.compile = args.device.startswith("cuda")
     if not args.vllm_python.is_file():
         raise SystemExit(f"no vLLM interpreter at {args.vllm_python}: build its environment (README \"Serving\")")
-    results = lab.Results(out / "results.json", {"grid": grid, "new_tokens": new_tokens, "device": args.device},
-                          fresh=args.fresh)
+    results = lab.Results(out / "results.json", {"grid": grid, "new_tokens": new_tokens, "device": args.device,
+                                                 "compile": args.compile}, fresh=args.fresh)
     results.put("environment", lab.environment())
     made = folders(args.work or out / "cache", args.source)
     for dtype in dtypes:
@@ -246,7 +252,7 @@ def main(argv=None) -> int:
             budget = max(b * (p + new_tokens) for b, p in grid)
             # the widened model caches twice the Llama's keys and values: 92 kB a token in fp32 for SmolLM2
             job = {"name": name, "folder": str(folder), "dtype": dtype, "grid": grid, "new_tokens": new_tokens,
-                   "quick": args.quick,
+                   "device": args.device, "compile": args.compile,
                    "kv_cache_bytes": int(budget * 100_000 * (1 if dtype == "float32" else 0.5)) + (256 << 20)}
             results.add(key, run_vllm(args.vllm_python, job))
             print(f"[serving] done {key}", flush=True)

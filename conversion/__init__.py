@@ -1,13 +1,14 @@
 """Turn a pretrained Llama-family checkpoint into a differential-attention model (DiffLlama).
 
     from conversion import convert
-    convert(source="HuggingFaceTB/SmolLM2-135M-Instruct", output="smollm2-diff", strategy="widened", preserve=True)
+    convert(source="HuggingFaceTB/SmolLM2-135M-Instruct", output="out/smollm2-widened", strategy="widened", preserve=True)
 
 or, from a shell, `python -m conversion SOURCE OUTPUT --strategy widened --preserve`.
 """
 
 from .convert import convert
 from .errors import ConversionError
+from .fold import export_folded, fold_dex
 from .weight_map import (
     STRATEGIES,
     SUPPORTED_ARCHITECTURES,
@@ -23,5 +24,7 @@ __all__ = [
     "ConversionError",
     "WeightMap",
     "convert",
+    "export_folded",
+    "fold_dex",
     "target_config",
 ]

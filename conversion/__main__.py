@@ -14,6 +14,7 @@ from transformers.utils import logging
 from . import sources
 from .convert import DTYPES, convert
 from .errors import ConversionError, ConversionInterrupted
+from .help import HelpFormatter
 from .weight_map import DEFAULT_WIDENED_INIT, STRATEGIES, WIDENED_INITS
 
 
@@ -28,7 +29,7 @@ def _docstring_args(function) -> dict[str, str]:
 def parser() -> argparse.ArgumentParser:
     helps = _docstring_args(convert)
     summary = inspect.getdoc(convert).split("Args:", 1)[0].strip()
-    cli = argparse.ArgumentParser(prog="python -m conversion", description=summary, formatter_class=_HelpFormatter)
+    cli = argparse.ArgumentParser(prog="python -m conversion", description=summary, formatter_class=HelpFormatter)
     # Two optional positionals: with one path given, `main` decides whether it names the source or the output.
     cli.add_argument("source", nargs="?", metavar="SOURCE", help=helps["source"])
     cli.add_argument("output", nargs="?", metavar="OUTPUT", help=helps["output"])
@@ -63,15 +64,6 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--no-progress", dest="progress", action="store_false", help="Hide the progress bars.")
     cli.add_argument("--debug", action="store_true", help="Show full tracebacks and transformers' own log.")
     return cli
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's paragraphs as written, and each option's default after its help."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool) or "Default" in (action.help or ""):
-            return action.help  # flags, and defaults the help text states itself
-        return super()._get_help_string(action)
 
 
 def _paths(args) -> tuple[str | None, str | None]:

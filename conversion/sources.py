@@ -499,8 +499,18 @@ def progress_bars(shown: bool):
         return
     was_enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
+    # The GGUF loader's dequantisation bar is a plain tqdm that ignores the switch above: hand it a silent one.
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None:
+        gguf_loader.tqdm = partial(bar, disable=True)
     try:
         yield
     finally:
+        if bar is not None:
+            gguf_loader.tqdm = bar
         if was_enabled:
             logging.enable_progress_bar()

@@ -12,6 +12,7 @@ import re
 import sys
 
 from configuration_diff import ATTENTION_IMPLEMENTATIONS
+from conversion.help import HelpFormatter
 
 from .lora import SECOND_MAP_MODES
 from .recipe import finetune
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m finetune",
         description=inspect.getdoc(finetune).split("\n", 1)[0],
+        formatter_class=HelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--lora", dest="mode", action="store_const", const="lora", help="train a LoRA adapter")

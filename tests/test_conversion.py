@@ -427,3 +427,17 @@ def test_weight_map_at_llama_3_scale(size):
 
 
 LLAMA_3_ROPE = {**LLAMA3_ROPE, "original_max_position_embeddings": 8192}
+
+
+def test_no_progress_silences_the_gguf_dequantisation_bar(capfd):
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+
+    from conversion.sources import progress_bars
+
+    with progress_bars(False):
+        for _ in gguf_loader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert "de-quantizing" not in capfd.readouterr().err
+    for _ in gguf_loader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):  # restored after
+        pass
+    assert "de-quantizing" in capfd.readouterr().err

@@ -34,6 +34,7 @@ NOT_RUN = {
     "torchrun": "tests/test_tensor_parallel.py runs tensor parallelism on 2 CPU processes",
     "ACCELERATE_USE_CPU=true": "tests/test_multiprocess.py",
     "MALLOC_": "benchmarks/malloc_env.py runs it; tests/test_benchmarks.py at a tiny size",
+    "python -m conversion.fold": "tests/test_fold.py folds a DEX model and a LoRA adapter on one",
     "python -m venv .venv-vllm": "the vLLM environment: .ci/run builds it as printed",
     ".venv-vllm/bin/pip": "the vLLM environment: .ci/run builds it as printed",
     "VLLM_CPU_KVCACHE_SPACE=": "tests/test_vllm.py starts the same server on tiny models and serves the real SmolLM2",

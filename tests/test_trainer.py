@@ -322,3 +322,11 @@ def test_a_run_prints_no_deprecation_warning_of_the_libraries(v2_checkpoint, dat
         train(v2_checkpoint, tmp_path / "run", data_dir, steps=1, mode="lora", gradient_checkpointing=True)
     deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not [message for message in deprecated if "is_gradient_checkpointing" in message], deprecated
+
+
+def test_help_shows_the_defaults():
+    from finetune.__main__ import build_parser
+
+    text = build_parser().format_help()
+    for option, default in (("--steps", 200), ("--block-size", 512), ("--batch-size", 8), ("--lora-r", 16)):
+        assert f"(default: {default})" in text.split(option + " ", 2)[2].split("\n  --", 1)[0], option
