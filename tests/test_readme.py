@@ -35,6 +35,7 @@ NOT_RUN = {
     "ACCELERATE_USE_CPU=true": "tests/test_multiprocess.py",
     "MALLOC_": "benchmarks/malloc_env.py runs it; tests/test_benchmarks.py at a tiny size",
     "python -m conversion.fold": "tests/test_fold.py folds a DEX model and a LoRA adapter on one",
+    "python -m conversion.gguf_export": "tests/test_fold.py writes and reads back f16 and Q8_0 files",
     "python -m venv .venv-vllm": "the vLLM environment: .ci/run builds it as printed",
     ".venv-vllm/bin/pip": "the vLLM environment: .ci/run builds it as printed",
     "VLLM_CPU_KVCACHE_SPACE=": "tests/test_vllm.py starts the same server on tiny models and serves the real SmolLM2",
