@@ -260,7 +260,7 @@ class DiffLlamaAttention(nn.Module):
     # compute the same (tested) but cost more than its one SDPA call with 2h query heads, which needs no padded
     # queries; version 1's single call would multiply zeros. In bf16 on a CPU with AMX tiles the fused kernel is
     # faster even with the zeros (prefill 1.19× a Llama's against 1.42× in chunks, training 1.07× against 1.12×);
-    # on one without, chunks measured 0.75× a Llama's attention against 1.7× (README "Performance").
+    # on one without, chunks measured 0.75× a Llama's attention against 1.7× (docs/performance.md).
     chunked_versions = (1,)
     chunked_dtypes = (torch.float32, torch.float64)
 

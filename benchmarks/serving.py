@@ -12,7 +12,7 @@ our model (SDPA, batch 1, the shortest prompt) against vLLM's batch-1 decode of 
     python benchmarks/serving.py --quick --source DIR    # a smoke run on a Llama folder: batch 1, 64 tokens, fp32
     python benchmarks/serving.py --device cuda --full    # every batch (1, 8, 32) at every length (512, 2,048)
 
-vLLM lives in an environment of its own (README "Serving"): `--vllm-python` names its interpreter, by default
+vLLM lives in an environment of its own (docs/serving.md): `--vllm-python` names its interpreter, by default
 `.venv-vllm/bin/python`. On this CPU the grid leaves out batch 32 at 2,048 tokens (its fp32 KV cache alone is 7.5 GB
 for widened version 1 and it would take as long as the rest); `--full` runs it. Each model and dtype is written to
 `results.json` as it finishes and skipped when the command runs again.
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
     if not args.vllm_python.is_file():
-        raise SystemExit(f"no vLLM interpreter at {args.vllm_python}: build its environment (README \"Serving\")")
+        raise SystemExit(f"no vLLM interpreter at {args.vllm_python}: build its environment (docs/serving.md)")
     results = lab.Results(out / "results.json", {"grid": grid, "new_tokens": new_tokens, "device": args.device,
                                                  "compile": args.compile}, fresh=args.fresh)
     results.put("environment", lab.environment())

@@ -76,7 +76,7 @@ def convert(
             head i (even head counts only). v2: the 2026 revision, source heads become Q1, keys, values and
             o_proj are reused, Q2 and lambda_proj are new (any head count, Llama-sized KV cache). dex: DEX (arXiv
             2505.16333), the source's attention kept and its output differenced, O - lambda*f_D(O), f_D zero and
-            lambda annealed from 0 by `python -m finetune`. Default v2: the evidence in the README (exact
+            lambda annealed from 0 by `python -m finetune`. Default v2: the evidence in docs/evidence.md (exact
             preservation, fewest new parameters, Llama's KV cache and decode speed).
         preserve: Start as exactly the source's function (its logits to rounding, identical greedy generations)
             while the new parameters still learn: widened uses lambda_init=0 without head norm, v2 uses Q2=Q1,

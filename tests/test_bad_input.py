@@ -1,6 +1,6 @@
 """Bad input: each case gives one error that names the problem and the fix, and writes nothing.
 
-The README's "Bad input" table lists these cases together with the ones tested next to their feature
+The "Bad input" table (docs/bad-input.md) lists these cases together with the ones tested next to their feature
 (config validation in test_config.py, conversion refusals in test_conversion.py, interop in test_interop.py).
 """
 

