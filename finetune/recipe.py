@@ -468,6 +468,7 @@ def finetune(
     }
     if main_process:
         (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        (output / "README.md").write_text(run_card(metrics, merged=merge))  # in place of PEFT's empty template
         written = [name for name in files_under(output) if not name.startswith(f"{CHECKPOINTS_DIR}/")]
         RUN_MANIFEST.write(output, facts, files=written)
         if replacing:
@@ -478,6 +479,42 @@ def finetune(
             logger.info(f"replaced the earlier run in {final_output}")
         logger.info(f"wrote {final_output / METRICS_FILE}")
     return metrics
+
+
+def run_card(metrics: dict, *, merged: bool) -> str:
+    """The run folder's README.md: what was trained on what, the held-out result, and how to load it."""
+    lora = metrics["mode"] == "lora"
+    diff = metrics["model_type"] == modeling_diff.DiffLlamaConfig.model_type
+    what = "A LoRA adapter" if lora else "A fully fine-tuned model"
+    load = "AutoPeftModelForCausalLM" if lora else "AutoModelForCausalLM"
+    lines = [
+        "---",
+        "library_name: peft" if lora else "library_name: transformers",
+        "tags:",
+        "- diffllama-finetune",
+        *(["- differential-attention"] if diff else []),
+        "---",
+        "",
+        f"# {what} trained by `python -m finetune`",
+        "",
+        f"- Base model: `{metrics['model']}` (model type `{metrics['model_type']}`)",
+        f"- Data: `{metrics['data']}`, {metrics['train_tokens']:,} training tokens in blocks of {metrics['block_size']}, "
+        f"{metrics['steps']} steps",
+        f"- Held-out perplexity: {metrics['held_out_perplexity_before']:.3f} before, "
+        f"{metrics['held_out_perplexity_after']:.3f} after (`metrics.json` has the loss curve and the timings)",
+        "",
+        "```python",
+        *(["import modeling_diff  # our model type; without this package pass trust_remote_code=True"] if diff else []),
+        f"from {'peft' if lora else 'transformers'} import {load}",
+        "",
+        f'model = {load}.from_pretrained("THIS_FOLDER")',
+        "```",
+    ]
+    if lora:
+        lines += ["", "The adapter also holds what differential attention adds, trained in full (λ, head-norm gains, "
+                  "`lambda_proj` or DEX's f_D), as `modules_to_save`."
+                  + (" `merged/` holds the adapter folded into the base model." if merged else "")]
+    return "\n".join(lines) + "\n"
 
 
 def _foreign_code(model: str) -> list[str]:

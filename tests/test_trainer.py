@@ -167,6 +167,10 @@ def test_lora_training_with_checkpointing_saves_lambda_and_merges(v2_checkpoint,
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / MERGED_DIR).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+    card = (tmp_path / "README.md").read_text()  # ours, not PEFT's empty template
+    assert card.startswith("---\nlibrary_name: peft") and "differential-attention" in card
+    assert f"{metrics['held_out_perplexity_after']:.3f} after" in card and "AutoPeftModelForCausalLM" in card
+    assert "merged/" in card and "[More Information Needed]" not in card
 
 
 @pytest.mark.parametrize(("checkpoint", "mode"), [("v1_checkpoint", "full"), ("v2_checkpoint", "lora")])
