@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import os
 import re
 import sys
 
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     # The library logs through `logging`; the command line is where it is decided that those lines are shown.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # One process of several (torchrun, accelerate) speaks for all: the others show warnings only.
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         metrics = finetune(**args)
     except (OSError, ValueError) as error:  # missing folders, unloadable checkpoints, inconsistent options

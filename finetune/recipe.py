@@ -93,7 +93,8 @@ def held_out_loss(model, blocks: PackedBlocks, *, batch_size: int = 8, progress:
 
 
 def _loss_curve(log_history: list[dict]) -> list[dict]:
-    return [{"step": entry["step"], "loss": entry["loss"]} for entry in log_history if "loss" in entry]
+    return [{"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
+            for entry in log_history if "loss" in entry]
 
 
 def _resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
@@ -219,6 +220,27 @@ def clear_unfinished_replacement(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
+class RecipeTrainer(Trainer):
+    """The Trainer with a warm-up that starts above zero: warm-up step s of W runs at (s + 1)/(W + 1) of the peak rate,
+    then the cosine decay to zero. transformers' warm-up starts at 0, so its first step would change nothing."""
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.args.lr_scheduler_type != "cosine":  # another schedule asked for through training_args
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / (warmup + 1)
+                progress = (step - warmup) / max(1, num_training_steps - warmup)
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+            self._created_lr_scheduler = True  # as the Trainer's own: rebuilt if train() is called again
+        return self.lr_scheduler
+
+
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
@@ -270,7 +292,7 @@ def finetune(
         batch_size: blocks per device batch.
         gradient_accumulation_steps: batches per optimizer step.
         learning_rate: peak learning rate; default 2e-4 for LoRA, 5e-5 for full fine-tuning.
-        warmup_steps: linear warm-up before the cosine decay; default 5% of the steps.
+        warmup_steps: linear warm-up (its first step at 1/(W+1) of the peak) before the cosine decay; default 5% of the steps.
         weight_decay: AdamW weight decay.
         eval_fraction: share of the files held out for perplexity, chosen by a hash of each path.
         max_train_tokens: training-token budget read from the files; default: what the steps consume, one epoch.
@@ -366,17 +388,6 @@ def finetune(
     logger.info(f"{mode} fine-tuning of {model}: {parameters['trainable']:,} of {parameters['total']:,} parameters")
     since = phase_done("loading_the_model", since)
 
-    tokens_per_step = batch_size * gradient_accumulation_steps * block_size
-    corpus = build_corpus(
-        data,
-        tokenizer,
-        block_size=block_size,
-        eval_fraction=eval_fraction,
-        max_train_tokens=steps * tokens_per_step if max_train_tokens is None else max_train_tokens,
-        max_eval_tokens=eval_tokens,
-    )
-    since = phase_done("reading_the_data", since)
-
     args = TrainingArguments(
         **{
             "output_dir": str(checkpoints),
@@ -397,10 +408,22 @@ def finetune(
             "report_to": "none",
             "dataloader_num_workers": 0,  # blocks are in memory already
             "dataloader_pin_memory": torch.cuda.is_available(),
+            "ddp_find_unused_parameters": False,  # every trained parameter takes part in every step
             **(training_args or {}),
         }
     )
-    trainer = Trainer(
+    # A step consumes a batch on every process: the default budget is one epoch over all of them.
+    tokens_per_step = batch_size * gradient_accumulation_steps * block_size * args.world_size
+    corpus = build_corpus(
+        data,
+        tokenizer,
+        block_size=block_size,
+        eval_fraction=eval_fraction,
+        max_train_tokens=steps * tokens_per_step if max_train_tokens is None else max_train_tokens,
+        max_eval_tokens=eval_tokens,
+    )
+    since = phase_done("reading_the_data", since)
+    trainer = RecipeTrainer(
         model=trained,
         args=args,
         train_dataset=corpus.train,

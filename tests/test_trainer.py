@@ -139,6 +139,8 @@ def assert_learned(metrics, steps, *, loss_drop, perplexity_ratio):
 def test_full_training_reduces_loss(v1_checkpoint, data_dir, tmp_path):
     metrics = train(v1_checkpoint, tmp_path, data_dir)
     assert metrics["steps"] == 20
+    rates = [entry["learning_rate"] for entry in metrics["loss_curve"]]
+    assert rates[0] == pytest.approx(3e-3 / 2) and max(rates) == pytest.approx(3e-3)  # warm-up step 1 of 1 trains
     assert_learned(metrics, 20, loss_drop=0.8, perplexity_ratio=0.5)
     assert json.loads((tmp_path / METRICS_FILE).read_text()) == metrics
     assert metrics["parameters"]["trainable"] == metrics["parameters"]["total"]
