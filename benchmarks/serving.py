@@ -8,7 +8,7 @@ first tokens; decode tokens/s is B·N over the time from the first tokens to the
 timestamps). The ratios divide each model's figure by the Llama's, measured in the same run. Then `generate()` of
 our model (SDPA, batch 1, the shortest prompt) against vLLM's batch-1 decode of the same folder.
 
-    python benchmarks/serving.py                         # the CPU grid below, fp32 and bf16 (about 45 minutes)
+    python benchmarks/serving.py                         # the CPU grid below, fp32 and bf16, best of 2
     python benchmarks/serving.py --quick --source DIR    # a smoke run on a Llama folder: batch 1, 64 tokens, fp32
     python benchmarks/serving.py --device cuda --full    # every batch (1, 8, 32) at every length (512, 2,048)
 
@@ -45,7 +45,7 @@ def measure_in_vllm(job: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    grid, new_tokens = job["grid"], job["new_tokens"]
+    grid, new_tokens = [tuple(setting) for setting in job["grid"]], job["new_tokens"]
     longest = max(length for _, length in grid) + new_tokens + 1
     budget = max(batch * length for batch, length in grid)
     llm = LLM(model=job["folder"], dtype=job["dtype"], skip_tokenizer_init=True, seed=0,
@@ -60,22 +60,24 @@ def measure_in_vllm(job: dict) -> dict:
     tokens = range(vocab // 10, vocab)  # past the special tokens at the start of most vocabularies
     warm = [TokensPrompt(prompt_token_ids=[rng.choice(tokens) for _ in range(32)])]
     llm.generate(warm, params, use_tqdm=False)  # compiles and warms up outside the timed calls
+    prompts = {(batch, length): [TokensPrompt(prompt_token_ids=[rng.choice(tokens) for _ in range(length)])
+                                 for _ in range(batch)] for batch, length in grid}
+    times = {setting: ([], []) for setting in grid}  # prefill and decode seconds of each run
+    # The fastest of a few runs counts (a busy machine only ever slows a run down), and a setting's runs are minutes
+    # apart, a pass over the whole grid between them, so that one busy spell does not slow them all.
+    for _ in range(job["repeats"]):
+        for setting in grid:
+            outputs = llm.generate(prompts[setting], params, use_tqdm=False)
+            assert all(len(output.outputs[0].token_ids) == new_tokens + 1 for output in outputs)
+            stats = [output.metrics for output in outputs]
+            first = max(s.first_token_ts for s in stats)
+            times[setting][0].append(first - min(s.scheduled_ts for s in stats))
+            times[setting][1].append(max(s.last_token_ts for s in stats) - first)
     rows = []
-    for batch, length in grid:
-        prompts = [TokensPrompt(prompt_token_ids=[rng.choice(tokens) for _ in range(length)])
-                   for _ in range(batch)]
-        started = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - started
-        stats = [output.metrics for output in outputs]
-        scheduled = min(s.scheduled_ts for s in stats)
-        first = max(s.first_token_ts for s in stats)
-        last = max(s.last_token_ts for s in stats)
-        assert all(len(output.outputs[0].token_ids) == new_tokens + 1 for output in outputs)
-        rows.append({"batch": batch, "prompt": length, "new_tokens": new_tokens, "wall_s": wall,
-                     "prefill_s": first - scheduled, "decode_s": last - first,
-                     "prefill_tok_s": batch * length / (first - scheduled),
-                     "decode_tok_s": batch * new_tokens / (last - first)})
+    for (batch, length), (prefills, decodes) in times.items():
+        rows.append({"batch": batch, "prompt": length, "new_tokens": new_tokens, "prefill_s": prefills,
+                     "decode_s": decodes, "prefill_tok_s": batch * length / min(prefills),
+                     "decode_tok_s": batch * new_tokens / min(decodes)})
         print(f"  {job['name']} {job['dtype']} batch {batch} prompt {length}: prefill "
               f"{rows[-1]['prefill_tok_s']:.0f} tok/s, decode {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
     return {"rows": rows}
@@ -115,7 +117,7 @@ def run_vllm(python: Path, job: dict) -> dict:
     return json.loads(lines[-1].removeprefix(RESULT))
 
 
-def measure_generate(folder: Path, dtype: str, length: int, new_tokens: int, device: str) -> dict:
+def measure_generate(folder: Path, dtype: str, length: int, new_tokens: int, device: str, repeats: int) -> dict:
     """Our model's `generate()` at batch 1: decode tokens per second after a prompt of `length` tokens."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -126,16 +128,19 @@ def measure_generate(folder: Path, dtype: str, length: int, new_tokens: int, dev
     vocab = model.config.vocab_size
     prompt = torch.randint(vocab // 10, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    prefills, totals = [], []
     with torch.no_grad():
         model.generate(prompt[:, :32], max_new_tokens=4, **kwargs)  # warm-up
-        started = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, **kwargs)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens + 1, **kwargs)
-        total = time.perf_counter() - started
-    return {"prompt": length, "new_tokens": new_tokens, "prefill_s": prefill, "decode_s": total - prefill,
-            "decode_tok_s": new_tokens / (total - prefill)}
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model.generate(prompt, max_new_tokens=1, **kwargs)
+            prefills.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new_tokens + 1, **kwargs)
+            totals.append(time.perf_counter() - started)
+    decode = min(totals) - min(prefills)
+    return {"prompt": length, "new_tokens": new_tokens, "prefill_s": prefills, "total_s": totals,
+            "decode_tok_s": new_tokens / decode}
 
 
 def ratio_rows(results: lab.Results, dtypes: list[str], grid) -> list[list]:
@@ -220,6 +225,7 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="every batch at every prompt length")
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: float32 bfloat16 (--quick: float32)")
     parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens a request")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each setting; the fastest counts")
     parser.add_argument("--vllm-python", type=Path, default=lab.ROOT / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--work", type=Path, default=None, help="model folders (default: OUT/cache)")
     parser.add_argument("--source", type=Path, default=None, help="a Llama folder instead of SmolLM2-135M-Instruct")
@@ -241,7 +247,8 @@ def main(argv=None) -> int:
     if not args.vllm_python.is_file():
         raise SystemExit(f"no vLLM interpreter at {args.vllm_python}: build its environment (docs/serving.md)")
     results = lab.Results(out / "results.json", {"grid": grid, "new_tokens": new_tokens, "device": args.device,
-                                                 "compile": args.compile}, fresh=args.fresh)
+                                                 "compile": args.compile, "repeats": args.repeats}, fresh=args.fresh,
+                          selects=("repeats",))
     results.put("environment", lab.environment())
     made = folders(args.work or out / "cache", args.source)
     for dtype in dtypes:
@@ -252,7 +259,7 @@ def main(argv=None) -> int:
             budget = max(b * (p + new_tokens) for b, p in grid)
             # the widened model caches twice the Llama's keys and values: 92 kB a token in fp32 for SmolLM2
             job = {"name": name, "folder": str(folder), "dtype": dtype, "grid": grid, "new_tokens": new_tokens,
-                   "device": args.device, "compile": args.compile,
+                   "device": args.device, "compile": args.compile, "repeats": 1 if args.quick else args.repeats,
                    "kv_cache_bytes": int(budget * 100_000 * (1 if dtype == "float32" else 0.5)) + (256 << 20)}
             results.add(key, run_vllm(args.vllm_python, job))
             print(f"[serving] done {key}", flush=True)
@@ -260,7 +267,8 @@ def main(argv=None) -> int:
         for name, folder in made.items():
             key = f"generate/{name}/{dtype}"
             if key not in results:
-                results.add(key, measure_generate(folder, dtype, grid[0][1], new_tokens, args.device))
+                results.add(key, measure_generate(folder, dtype, grid[0][1], new_tokens, args.device,
+                                                  1 if args.quick else args.repeats))
                 print(f"[serving] done {key}", flush=True)
         report(results, out, dtypes, grid)
     print(f"wrote {out / 'results.md'}")
