@@ -15,7 +15,9 @@ our model (SDPA, batch 1, the shortest prompt) against vLLM's batch-1 decode of 
 vLLM lives in an environment of its own (docs/serving.md): `--vllm-python` names its interpreter, by default
 `.venv-vllm/bin/python`. On this CPU the grid leaves out batch 32 at 2,048 tokens (its fp32 KV cache alone is 7.5 GB
 for widened version 1 and it would take as long as the rest); `--full` runs it. Each model and dtype is written to
-`results.json` as it finishes and skipped when the command runs again.
+`results.json` as it finishes and skipped when the command runs again. Each setting counts its fastest of
+`--repeats` runs, a whole pass over the grid apart. The engine is compiled, as vLLM serves by default (about a minute
+an engine here); `--no-compile --out benchmarks/results/serving-eager` measures the eager engine.
 """
 
 from __future__ import annotations
@@ -163,9 +165,13 @@ def ratio_rows(results: lab.Results, dtypes: list[str], grid) -> list[list]:
 
 
 def report(results: lab.Results, folder: Path, dtypes: list[str], grid) -> None:
+    settings = results.data["settings"]
+    engine = "compiled (vLLM's default)" if settings.get("compile") else "eager (`--no-compile`)"
     lines = ["# vLLM serving throughput: each version against the source Llama (same run)", "",
-             f"`python benchmarks/serving.py` on {results.data.get('environment', {}).get('cpu', 'this machine')}. "
-             "Ratios are the model's tokens/s over the Llama's at the same batch, prompt and dtype.", ""]
+             f"`python benchmarks/serving.py` on {results.data.get('environment', {}).get('cpu', 'this machine')}, "
+             f"{settings['device']}, engine {engine}, {settings['new_tokens']} decoded tokens a request, the fastest "
+             f"of {settings.get('repeats', 1)} runs. Ratios are the model's tokens/s over the Llama's at the same "
+             "batch, prompt and dtype.", ""]
     llama_rows = []
     for dtype in dtypes:
         base = results.runs.get(f"vllm/llama/{dtype}")
@@ -230,8 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="model folders (default: OUT/cache)")
     parser.add_argument("--source", type=Path, default=None, help="a Llama folder instead of SmolLM2-135M-Instruct")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="vLLM's torch.compile and CUDA graphs (default: on with CUDA; off on CPU, where compiling "
-                             "takes minutes an engine)")
+                        help="vLLM's torch.compile (and CUDA graphs on a GPU), as vLLM serves by default; "
+                             "default: on, off for --quick; --no-compile measures the eager engine")
     parser.add_argument("--in-vllm", help=argparse.SUPPRESS)  # the measuring process, in vLLM's environment
     parser.set_defaults(threads=os.cpu_count())  # generate() gets every core, as vLLM's engine does
     args = parser.parse_args(argv)
@@ -243,7 +249,7 @@ def main(argv=None) -> int:
     dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
     new_tokens = 4 if args.quick else args.new_tokens
     if args.compile is None:
-        args.compile = args.device.startswith("cuda")
+        args.compile = not args.quick  # compiling takes about a minute an engine on this CPU
     if not args.vllm_python.is_file():
         raise SystemExit(f"no vLLM interpreter at {args.vllm_python}: build its environment (docs/serving.md)")
     results = lab.Results(out / "results.json", {"grid": grid, "new_tokens": new_tokens, "device": args.device,

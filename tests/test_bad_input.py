@@ -55,7 +55,7 @@ def rewrite_header(shard: Path, edit) -> None:
 
 
 def test_source_that_does_not_exist(tmp_path):
-    refused(tmp_path, r"source .*nowhere is not a model folder.*check the path", source=tmp_path / "nowhere",
+    refused(tmp_path, r"source .*nowhere does not exist: check the path", source=tmp_path / "nowhere",
             output=tmp_path / "out")
 
 
