@@ -24,7 +24,7 @@ import modeling_diff  # noqa: F401  our model type, so DEX folders load without 
 
 from . import output as outputs
 from .errors import ConversionError
-from .help import HelpFormatter
+from .help import HelpFormatter, run_command
 
 # Fields of our config that a Llama does not have.
 OURS = ("diff_version", "dex_heads", "lambda_init", "lambda_std_dev", "use_head_norm", "o_proj_bias", "auto_map")
@@ -116,13 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("output", metavar="OUTPUT", help="the Llama folder to write")
     cli.add_argument("--overwrite", action="store_true", help="replace OUTPUT if an earlier export or conversion wrote it")
     args = cli.parse_args(argv)
-    try:
-        written = export_folded(args.source, args.output, overwrite=args.overwrite)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {written}: a LlamaForCausalLM (model_type llama), no custom code", file=sys.stderr)
-    return 0
+    return run_command(lambda: export_folded(args.source, args.output, overwrite=args.overwrite),
+                       "wrote {}: a LlamaForCausalLM (model_type llama), no custom code")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from .errors import ConversionError
-from .help import HelpFormatter
+from .help import HelpFormatter, run_command
 
 TYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -127,13 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("path", metavar="GGUF_FILE", help="the .gguf file to write")
     cli.add_argument("--type", choices=list(TYPES), default="f16", help="how the weight matrices are stored")
     args = cli.parse_args(argv)
-    try:
-        written = export_gguf(args.folder, args.path, type=args.type)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {written}", file=sys.stderr)
-    return 0
+    return run_command(lambda: export_gguf(args.folder, args.path, type=args.type), "wrote {}")
 
 
 if __name__ == "__main__":
