@@ -161,6 +161,48 @@ def test_finetuning_python_block_runs_as_printed(after_quickstart):
         assert "ran PeftModelForCausalLM" in result.stdout
 
 
+# Python blocks that need more than this process, by page and first line, and the test that runs them as printed.
+PYTHON_RUN_ELSEWHERE = {
+    ("docs/serving.md", "from openai import OpenAI"): "tests/test_vllm.py runs it against the server, every version",
+    ("docs/fine-tuning.md", "# torchrun --nproc_per_node 2 script.py  (one process per GPU; gloo on CPU)"): (
+        "tests/test_tensor_parallel.py loads with the same call on 2 processes"
+    ),
+}
+
+
+def test_every_python_block_is_run_or_accounted_for():
+    """Each page's python blocks are run by a test of this module (RUN_HERE) or accounted for in
+    PYTHON_RUN_ELSEWHERE: a new block fails here until a test runs it."""
+    for page in PAGES:
+        name = page.relative_to(ROOT).as_posix()
+        for block in python_blocks(name):
+            known = (name, block) in RUN_HERE or (name, block.splitlines()[0]) in PYTHON_RUN_ELSEWHERE
+            assert known, f"a python block in {name} that no test runs:\n{block}"
+
+
+RUN_HERE = {
+    ("README.md", python_blocks("README.md", "Usage")[0]),
+    *(("docs/fine-tuning.md", block) for block in python_blocks("docs/fine-tuning.md") if not block.startswith("#")),
+    *(("docs/conversion.md", block) for block in python_blocks("docs/conversion.md")),
+    *(("docs/reference.md", block) for block in python_blocks("docs/reference.md")),
+}
+
+
+def test_conversion_page_loads_the_gguf_source_as_printed(tmp_path):
+    (block,) = python_blocks("docs/conversion.md")
+    result = run_snippet(block + "\nprint('ran', type(source).__name__, source.config.num_hidden_layers)", tmp_path)
+    assert "ran LlamaForCausalLM 30" in result.stdout
+
+
+def test_reference_page_saves_and_reloads_as_printed(tmp_path):
+    (block,) = python_blocks("docs/reference.md")
+    result = run_snippet(block + "\nprint('ran', type(model).__module__, model.config.head_dim)", tmp_path)
+    assert "ran transformers_modules." in result.stdout or "ran modeling_diff" in result.stdout
+    assert result.stdout.split()[-1] == "64"
+    saved = tmp_path / "my-diff-model"
+    assert {"configuration_diff.py", "modeling_diff.py", "config.json"} <= {p.name for p in saved.iterdir()}
+
+
 def test_every_docs_page_is_linked_from_the_readme_and_every_link_resolves():
     pages = {path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").glob("*.md")}
     assert pages == {page.relative_to(ROOT).as_posix() for page in PAGES[1:]}

@@ -239,16 +239,20 @@ chat = client.chat.completions.create(
     model=model, messages=[{"role": "user", "content": "def add(a, b):"}], max_tokens=6, temperature=0
 )
 tokens = [int(token.removeprefix("token_id:")) for token in completion.choices[0].logprobs.tokens]
-print(json.dumps({"completion": tokens, "completion_tokens": completion.usage.completion_tokens,
+print(json.dumps({"model": model, "completion": tokens, "completion_tokens": completion.usage.completion_tokens,
                   "chat": chat.choices[0].message.content, "chat_tokens": chat.usage.completion_tokens}))
 """
 
 
-def test_openai_server_answers_a_completion_and_a_chat(tmp_path):
+@pytest.mark.parametrize("name", ["v2", "v1", "dex"])
+def test_openai_server_answers_a_completion_and_the_docs_chat(name, tmp_path):
+    """The server as docs/serving.md starts it, for every version; its client snippet runs as printed (the port
+    aside) against the served name the docs use."""
+    from test_readme import python_blocks
     from test_trainer import byte_level_tokenizer  # a small BPE tokenizer trained here, no download
 
-    folder = tmp_path / "v2-chat"
-    model = tiny_model(folder, diff_version=2)
+    folder = tmp_path / name
+    model = tiny_model(folder, **MODELS[name])
     tokenizer = byte_level_tokenizer([Path(shutil.__file__)])
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
@@ -256,12 +260,16 @@ def test_openai_server_answers_a_completion_and_a_chat(tmp_path):
     ids = tokenizer(prompt)["input_ids"]
     expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(ids):]
+    (snippet,) = python_blocks("docs/serving.md")
+    served_name = "out/SmolLM2-135M-Instruct-v2"
+    assert f'model="{served_name}"' in snippet and "127.0.0.1:8000" in snippet
 
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"],
+         "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+         "--served-model-name", served_name],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     try:
@@ -278,6 +286,9 @@ def test_openai_server_answers_a_completion_and_a_chat(tmp_path):
         answer = subprocess.run([str(VLLM_PYTHON), "-c", CLIENT, str(port), prompt], capture_output=True, text=True,
                                 timeout=120)
         assert answer.returncode == 0, answer.stderr[-3000:]
+        chat = subprocess.run([str(VLLM_PYTHON), "-c", snippet.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert chat.returncode == 0, chat.stderr[-3000:]
     finally:
         server.terminate()
         try:
@@ -288,6 +299,7 @@ def test_openai_server_answers_a_completion_and_a_chat(tmp_path):
         log.close()
     assert server.returncode is not None
     result = json.loads(answer.stdout.strip().splitlines()[-1])
+    assert result["model"] == served_name
     assert result["completion_tokens"] == 6 and result["chat_tokens"] >= 1
     assert result["completion"] == expected.tolist()
     assert isinstance(result["chat"], str)
