@@ -43,9 +43,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_launcher(command: list[str], *, env: dict, timeout_s: int, cwd: Path | None = None) -> None:
-    """Run a launcher of several processes (torchrun, accelerate launch); fail the test with the end of its log if it
-    fails or runs past `timeout_s`. Its own session, so that a timeout kills the launcher and every process it
+def run_launcher(command: list[str], *, env: dict, timeout_s: int, cwd: Path | None = None) -> str:
+    """Run a launcher of several processes (torchrun, accelerate launch) and return its log (every process's output);
+    fail the test with the end of the log if it fails or runs past `timeout_s`. Its own session, so that a timeout kills the launcher and every process it
     started, not the launcher alone: a hung collective must not hang the suite."""
     name = command[2] if command[1:2] == ["-m"] else command[0]  # python -m torch.distributed.run -> its module
     process = subprocess.Popen(
@@ -59,6 +59,7 @@ def run_launcher(command: list[str], *, env: dict, timeout_s: int, cwd: Path | N
         pytest.fail(f"{name} ran past {timeout_s} s:\n{log[-6000:]}")
     if process.returncode != 0:
         pytest.fail(f"{name} failed ({process.returncode}):\n{log[-6000:]}")
+    return log
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -159,7 +159,7 @@ STRATEGIES = {"ddp": CONFIGS / "ddp.yaml", "fsdp": CONFIGS / "fsdp.yaml"}
 CODE_FILES = {"configuration_diff.py", "modeling_diff.py", "chunked_attention.py"}  # what a Hub snapshot carries
 
 
-def launch(config: Path, model: Path, data: Path, output: Path, records: Path) -> None:
+def launch(config: Path, model: Path, data: Path, output: Path, records: Path) -> str:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -178,7 +178,7 @@ def launch(config: Path, model: Path, data: Path, output: Path, records: Path) -
     command += ["--steps", str(STEPS), "--save-steps", str(SAVE_STEPS), "--log-every", "1", "--seed", "0"]
     command += ["--block-size", str(BLOCK_SIZE), "--batch-size", str(BATCH_SIZE), "--learning-rate", "3e-3"]
     command += ["--eval-fraction", str(EVAL_FRACTION), "--eval-tokens", str(MAX_EVAL_TOKENS)]
-    run_launcher(command, env=env, timeout_s=LAUNCH_TIMEOUT_S, cwd=output.parent)
+    return run_launcher(command, env=env, timeout_s=LAUNCH_TIMEOUT_S, cwd=output.parent)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,8 @@ def runs(tmp_path_factory, v1_checkpoint, data_dir):
             folder = tmp_path_factory.mktemp(strategy)
             output, records = folder / "out", folder / "records"
             records.mkdir()
-            launch(STRATEGIES[strategy], v1_checkpoint, data_dir, output, records)
+            log = launch(STRATEGIES[strategy], v1_checkpoint, data_dir, output, records)
+            (folder / "launch.log").write_text(log)
             ranks = [json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)]
             done[strategy] = output, ranks
         if done[strategy] is None:
@@ -278,6 +279,17 @@ def test_two_processes_train_save_and_reload(strategy, runs, v1_checkpoint, data
     assert final.keys() == checkpoint.keys()
     for name, tensor in final.items():
         torch.testing.assert_close(checkpoint[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_process_speaks_for_the_run(strategy, runs):
+    """The main process logs the run's progress once; the other shows warnings only, and DDP has nothing to warn."""
+    output, _ = runs(strategy)
+    log = (output.parent / "launch.log").read_text()
+    for line in ("held-out perplexity before training", f"held-out perplexity after {STEPS} steps",
+                 f"wrote {output / METRICS_FILE}", "full fine-tuning of"):
+        assert log.count(line) == 1, f"{line!r} logged {log.count(line)} times:\n{log[-4000:]}"
+    assert "find_unused_parameters" not in log
 
 
 def test_ddp_and_fsdp_train_the_same_model(runs):
