@@ -131,10 +131,35 @@ def test_finetune_commands_run_as_printed(after_quickstart):
             assert f"wrote the merged model (adapter folded into the weights) to {work / output / 'merged'}" in (
                 result.stderr
             )
+        if "--lora" in command:  # the run card's snippet, and the same load without our import
+            card = (work / output / "README.md").read_text()
+            (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+            loaded = run_snippet(snippet.replace("THIS_FOLDER", output) + "\nprint('ran', type(model).__name__)",
+                                 work)
+            assert "ran PeftModelForCausalLM" in loaded.stdout
+            remote = ("from peft import AutoPeftModelForCausalLM\n"
+                      f"model = AutoPeftModelForCausalLM.from_pretrained({output!r}, trust_remote_code=True)\n"
+                      "print('ran', type(model.get_base_model()).__module__)")
+            assert "ran transformers_modules." in run_snippet(remote, work, with_package=False).stdout
 
 
-def run_snippet(code: str, work) -> subprocess.CompletedProcess:
-    """A snippet in a fresh interpreter in the user's folder, stdin closed (a prompt for custom code would fail)."""
+OUR_MODULES = {"modeling_diff", "configuration_diff", "chunked_attention", "conversion", "finetune", "vllm_diffllama"}
+WITHOUT_THE_PACKAGE = f"""import sys
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {OUR_MODULES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def run_snippet(code: str, work, *, with_package: bool = True) -> subprocess.CompletedProcess:
+    """A snippet in a fresh interpreter in the user's folder, stdin closed (a prompt for custom code would fail);
+    `with_package=False` makes this project's modules unimportable, as on a machine without it."""
+    if not with_package:
+        code = WITHOUT_THE_PACKAGE + code
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
