@@ -16,7 +16,7 @@ from configuration_diff import ATTENTION_IMPLEMENTATIONS
 from conversion.help import HelpFormatter
 
 from .lora import SECOND_MAP_MODES
-from .recipe import finetune
+from .recipe import finetune, held_out_summary
 
 # Options set by other means than `--name VALUE`, or not exposed on the command line.
 _SPECIAL = {"mode", "resume", "training_args"}
@@ -84,14 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         metrics = finetune(**args)
-    except (OSError, ValueError) as error:  # missing folders, unloadable checkpoints, inconsistent options
+    except (OSError, ValueError, ImportError) as error:  # missing folders or extras, bad checkpoints or options
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     except KeyboardInterrupt as interrupted:
         said = str(interrupted) or "interrupted; continue from the last checkpoint with --resume"
         parser.exit(130, f"{parser.prog}: {said}\n")
-    logging.getLogger("finetune").info(
-        f"held-out perplexity {metrics['held_out_perplexity_before']:.3f} -> {metrics['held_out_perplexity_after']:.3f}"
-    )
+    logging.getLogger("finetune").info(held_out_summary(metrics))
     return 0
 
 

@@ -28,6 +28,7 @@ from conversion.output import Manifest, files_under, inside
 # Registers `diff_llama` with the Auto classes, so our checkpoints load without trust_remote_code.
 import modeling_diff  # noqa: F401
 
+from . import instruct
 from .data import PackedBlocks, build_corpus, default_data_dir
 from .dex import dex_callbacks
 from .lora import lora_config
@@ -220,9 +221,9 @@ def clear_unfinished_replacement(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
-class RecipeTrainer(Trainer):
-    """The Trainer with a warm-up that starts above zero: warm-up step s of W runs at (s + 1)/(W + 1) of the peak rate,
-    then the cosine decay to zero. transformers' warm-up starts at 0, so its first step would change nothing."""
+class WarmupAboveZero:
+    """A Trainer mixin: warm-up step s of W runs at (s + 1)/(W + 1) of the peak rate, then the cosine decay to zero.
+    transformers' warm-up starts at 0, so its first step would change nothing."""
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.args.lr_scheduler_type != "cosine":  # another schedule asked for through training_args
@@ -241,6 +242,10 @@ class RecipeTrainer(Trainer):
         return self.lr_scheduler
 
 
+class RecipeTrainer(WarmupAboveZero, Trainer):
+    """The Trainer of the code recipe; datasets train on TRL's trainers with the same mixin (`instruct.trl_trainer`)."""
+
+
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
@@ -253,6 +258,9 @@ def finetune(
     output: str | Path,
     data: str | Path | None = None,
     mode: str = "lora",
+    dpo: bool = False,
+    dpo_beta: float = 0.1,
+    packing: bool = False,
     steps: int = 200,
     block_size: int = 512,
     batch_size: int = 8,
@@ -285,18 +293,27 @@ def finetune(
         model: folder (or Hub id in the local cache) of a DiffLlama or Llama checkpoint with its tokenizer.
         output: folder for the result, new or empty (or an earlier run's, with resume or overwrite); checkpoints
             go to `output/checkpoints`.
-        data: folder of .py files; default: this Python's standard library.
+        data: folder of .py files, or a dataset (JSON, JSONL or Parquet file, save_to_disk folder, Hub id) with
+            text, messages, prompt + completion, or prompt + chosen + rejected columns, trained through TRL with the
+            loss on the answers only (finetune.instruct); default: this Python's standard library.
         mode: "lora" (adapter from finetune.lora.lora_config, λ and head-norm gains trained in full) or "full".
+        dpo: preference tuning (TRL's DPO) on a prompt/chosen/rejected dataset; the reference model is the model
+            as loaded (LoRA: the base with the adapter disabled).
+        dpo_beta: DPO's β, how far the policy may move from the reference.
+        packing: datasets: pack examples into blocks of block_size, each attending only to itself (code is always
+            packed).
         steps: optimizer steps.
-        block_size: tokens per packed training block.
-        batch_size: blocks per device batch.
+        block_size: tokens per packed training block (datasets: the longest example, longer ones truncated).
+        batch_size: blocks (or examples) per device batch.
         gradient_accumulation_steps: batches per optimizer step.
         learning_rate: peak learning rate; default 2e-4 for LoRA, 5e-5 for full fine-tuning.
         warmup_steps: linear warm-up (its first step at 1/(W+1) of the peak) before the cosine decay; default 5% of the steps.
         weight_decay: AdamW weight decay.
         eval_fraction: share of the files held out for perplexity, chosen by a hash of each path.
         max_train_tokens: training-token budget read from the files; default: what the steps consume, one epoch.
-        eval_tokens: held-out tokens scored before and after training (default 20,480, 40 blocks of 512).
+            Code folders only.
+        eval_tokens: held-out tokens scored before and after training (default 20,480, 40 blocks of 512); datasets:
+            at most eval_tokens // block_size held-out examples.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha; default 2·rank.
         lora_dropout: LoRA dropout.
@@ -353,6 +370,15 @@ def finetune(
         raise ValueError(f"eval-fraction ({eval_fraction}) must lie strictly between 0 and 1, e.g. 0.05")
     if merge and mode != "lora":
         raise ValueError("merge applies to LoRA training only; full fine-tuning already writes a plain model")
+    uses_dataset = instruct.is_dataset(data)
+    for flag, given in (("--dpo", dpo), ("--packing", packing)):
+        if given and not uses_dataset:
+            raise ValueError(f"{flag} applies to a dataset (a JSON, JSONL or Parquet file or a saved dataset), not to "
+                             f"the folder of .py files {data}")
+    if dpo and packing:
+        raise ValueError("--packing applies to instruction data, not to --dpo's preference pairs")
+    if not (math.isfinite(dpo_beta) and dpo_beta > 0):
+        raise ValueError(f"dpo-beta ({dpo_beta}) must be a positive number, e.g. 0.1")
     model = resolve_model(model)
     outputs.recover(output)  # an earlier replacement killed between its two renames
     replacing = check_output(output, model=model, resume=resume, overwrite=overwrite)
@@ -388,49 +414,57 @@ def finetune(
     logger.info(f"{mode} fine-tuning of {model}: {parameters['trainable']:,} of {parameters['total']:,} parameters")
     since = phase_done("loading_the_model", since)
 
-    args = TrainingArguments(
-        **{
-            "output_dir": str(checkpoints),
-            "max_steps": steps,
-            "per_device_train_batch_size": batch_size,
-            "gradient_accumulation_steps": gradient_accumulation_steps,
-            "learning_rate": learning_rate if learning_rate is not None else (2e-4 if mode == "lora" else 5e-5),
-            "lr_scheduler_type": "cosine",
-            "warmup_steps": max(1, steps // 20) if warmup_steps is None else warmup_steps,
-            "weight_decay": weight_decay,
-            "logging_steps": max(1, steps // 100) if log_every is None else log_every,
-            "save_strategy": "steps",
-            "save_steps": save_steps,
-            "save_total_limit": 2,
-            "activation_checkpointing": gradient_checkpointing,
-            "bf16": bf16,
-            "seed": seed,
-            "report_to": "none",
-            "dataloader_num_workers": 0,  # blocks are in memory already
-            "dataloader_pin_memory": torch.cuda.is_available(),
-            "ddp_find_unused_parameters": False,  # every trained parameter takes part in every step
-            **(training_args or {}),
-        }
-    )
-    # A step consumes a batch on every process: the default budget is one epoch over all of them.
-    tokens_per_step = batch_size * gradient_accumulation_steps * block_size * args.world_size
-    corpus = build_corpus(
-        data,
-        tokenizer,
-        block_size=block_size,
-        eval_fraction=eval_fraction,
-        max_train_tokens=steps * tokens_per_step if max_train_tokens is None else max_train_tokens,
-        max_eval_tokens=eval_tokens,
-    )
+    arguments = {
+        "output_dir": str(checkpoints),
+        "max_steps": steps,
+        "per_device_train_batch_size": batch_size,
+        "per_device_eval_batch_size": batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "learning_rate": learning_rate if learning_rate is not None else (2e-4 if mode == "lora" else 5e-5),
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": max(1, steps // 20) if warmup_steps is None else warmup_steps,
+        "weight_decay": weight_decay,
+        "logging_steps": max(1, steps // 100) if log_every is None else log_every,
+        "save_strategy": "steps",
+        "save_steps": save_steps,
+        "save_total_limit": 2,
+        "activation_checkpointing": gradient_checkpointing,
+        "bf16": bf16,
+        "seed": seed,
+        "report_to": "none",
+        "dataloader_num_workers": 0,  # blocks are in memory already
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "ddp_find_unused_parameters": False,  # every trained parameter takes part in every step
+    }
+    callbacks = dex_callbacks(trained)  # DEX's λ schedule; none for other models
+    if uses_dataset:
+        trainer_class, config_class = instruct.trl_trainer(dpo=dpo, schedule=WarmupAboveZero)
+        arguments["max_length"] = block_size
+        arguments.update({"beta": dpo_beta} if dpo else {"packing": packing, "eval_packing": False})
+        args = config_class(**{**arguments, **(training_args or {})})
+        dataset = instruct.build_instruction_data(
+            data, eval_fraction=eval_fraction, max_eval_examples=max(1, eval_tokens // block_size), preference=dpo,
+            has_chat_template=bool(tokenizer.chat_template),
+        )
+        data_summary = {**dataset.summary(), "examples_per_step": batch_size * gradient_accumulation_steps * args.world_size}
+        trainer = trainer_class(model=trained, args=args, train_dataset=dataset.train, eval_dataset=dataset.held_out,
+                                processing_class=tokenizer, callbacks=callbacks)
+    else:
+        args = TrainingArguments(**{**arguments, **(training_args or {})})
+        # A step consumes a batch on every process: the default budget is one epoch over all of them.
+        tokens_per_step = batch_size * gradient_accumulation_steps * block_size * args.world_size
+        corpus = build_corpus(
+            data,
+            tokenizer,
+            block_size=block_size,
+            eval_fraction=eval_fraction,
+            max_train_tokens=steps * tokens_per_step if max_train_tokens is None else max_train_tokens,
+            max_eval_tokens=eval_tokens,
+        )
+        data_summary = {**corpus.summary(), "tokens_per_step": tokens_per_step}
+        trainer = RecipeTrainer(model=trained, args=args, train_dataset=corpus.train,
+                                data_collator=default_data_collator, processing_class=tokenizer, callbacks=callbacks)
     since = phase_done("reading_the_data", since)
-    trainer = RecipeTrainer(
-        model=trained,
-        args=args,
-        train_dataset=corpus.train,
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-        callbacks=dex_callbacks(trained),  # DEX's λ schedule; none for other models
-    )
     main_process = trainer.is_world_process_zero()
     facts = {"model": model, "mode": mode, "data": str(data), "steps": steps, "block_size": block_size, "seed": seed}
     if main_process:
@@ -441,8 +475,24 @@ def finetune(
 
     # Measured on the model as loaded (a resumed run too), so "before" always means the starting checkpoint.
     progress = logging.is_progress_bar_enabled() and not args.disable_tqdm
-    loss_before = held_out_loss(trained, corpus.held_out, batch_size=batch_size, progress=progress)
-    logger.info(f"held-out perplexity before training: {math.exp(loss_before):.3f}")
+
+    def held_out() -> dict:
+        """The held-out score: next-token loss (of the answers, for instruction data), or DPO's loss and accuracy."""
+        if not uses_dataset:
+            return {"loss": held_out_loss(trained, corpus.held_out, batch_size=batch_size, progress=progress)}
+        scores = trainer.evaluate()
+        if dpo:
+            return {"dpo_loss": scores["eval_loss"], "reward_accuracy": scores["eval_rewards/accuracies"]}
+        return {"loss": scores["eval_loss"]}
+
+    def report(scores: dict, when: str) -> None:
+        if dpo:
+            logger.info(f"held-out DPO loss {when}: {scores['dpo_loss']:.4f}, reward accuracy {scores['reward_accuracy']:.3f}")
+        else:
+            logger.info(f"held-out perplexity {when}: {math.exp(scores['loss']):.3f}")
+
+    before = held_out()
+    report(before, "before training")
     since = phase_done("scoring_before", since)
     try:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
@@ -454,8 +504,8 @@ def finetune(
             ) from None
         raise
     since = phase_done("training", since)
-    loss_after = held_out_loss(trained, corpus.held_out, batch_size=batch_size, progress=progress)
-    logger.info(f"held-out perplexity after {trainer.state.global_step} steps: {math.exp(loss_after):.3f}")
+    after = held_out()
+    report(after, f"after {trainer.state.global_step} steps")
     since = phase_done("scoring_after", since)
 
     # Through the Trainer: it gathers FSDP-sharded weights first, and only the main process writes. A LoRA PeftModel
@@ -477,13 +527,13 @@ def finetune(
         "steps": trainer.state.global_step,
         "resumed_from": resume_from,
         "block_size": block_size,
-        "tokens_per_step": tokens_per_step,
         "parameters": parameters,
-        **corpus.summary(),
-        "held_out_loss_before": loss_before,
-        "held_out_perplexity_before": math.exp(loss_before),
-        "held_out_loss_after": loss_after,
-        "held_out_perplexity_after": math.exp(loss_after),
+        **data_summary,
+        **{f"held_out_{name}_{when}": value for when, scores in (("before", before), ("after", after))
+           for name, value in scores.items()},
+        **({} if dpo else {"held_out_perplexity_before": math.exp(before["loss"]),
+                           "held_out_perplexity_after": math.exp(after["loss"])}),
+        **({"dpo_beta": dpo_beta, "reference_model": _reference_model(trainer)} if dpo else {}),
         "train_loss": train_output.training_loss,
         "loss_curve": _loss_curve(trainer.state.log_history),
         "phase_seconds": phases,
@@ -504,6 +554,31 @@ def finetune(
     return metrics
 
 
+def held_out_summary(metrics: dict) -> str:
+    """The held-out result in words: perplexity before and after, or DPO's loss and reward accuracy."""
+    if "held_out_dpo_loss_before" in metrics:
+        return (f"Held-out DPO loss: {metrics['held_out_dpo_loss_before']:.4f} before, "
+                f"{metrics['held_out_dpo_loss_after']:.4f} after; reward accuracy "
+                f"{metrics['held_out_reward_accuracy_after']:.3f} after")
+    answers = " of the answers" if metrics.get("data_kind") in ("prompt-completion", "messages") else ""
+    return (f"Held-out perplexity{answers}: {metrics['held_out_perplexity_before']:.3f} before, "
+            f"{metrics['held_out_perplexity_after']:.3f} after")
+
+
+def _what_was_read(metrics: dict) -> str:
+    if "data_kind" in metrics:
+        return f"{metrics['train_examples']:,} {metrics['data_kind']} examples"
+    return f"{metrics['train_tokens']:,} training tokens in blocks of {metrics['block_size']}"
+
+
+def _reference_model(trainer) -> str:
+    """What DPO compared against: TRL's reference model's class, or the PEFT base with the adapter disabled."""
+    reference = trainer.ref_model
+    if reference is None:
+        return "the base model with the adapter disabled"
+    return f"{type(reference).__module__}.{type(reference).__name__}"
+
+
 def run_card(metrics: dict, *, merged: bool) -> str:
     """The run folder's README.md: what was trained on what, the held-out result, and how to load it."""
     lora = metrics["mode"] == "lora"
@@ -521,10 +596,8 @@ def run_card(metrics: dict, *, merged: bool) -> str:
         f"# {what} trained by `python -m finetune`",
         "",
         f"- Base model: `{metrics['model']}` (model type `{metrics['model_type']}`)",
-        f"- Data: `{metrics['data']}`, {metrics['train_tokens']:,} training tokens in blocks of {metrics['block_size']}, "
-        f"{metrics['steps']} steps",
-        f"- Held-out perplexity: {metrics['held_out_perplexity_before']:.3f} before, "
-        f"{metrics['held_out_perplexity_after']:.3f} after (`metrics.json` has the loss curve and the timings)",
+        f"- Data: `{metrics['data']}`, {_what_was_read(metrics)}, {metrics['steps']} steps",
+        f"- {held_out_summary(metrics)} (`metrics.json` has the loss curve and the timings)",
         "",
         "```python",
         *(["import modeling_diff  # our model type; without this package pass trust_remote_code=True"] if diff else []),
