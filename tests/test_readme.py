@@ -26,6 +26,8 @@ DOCS = "\n".join(page.read_text() for page in PAGES)
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Appended to every `python -m finetune` command: one step on a few small blocks of a tiny corpus.
 TINY_TRAINING = "--steps 1 --block-size 32 --batch-size 1 --eval-tokens 64 --data {data}"
+# Appended instead to commands that train on a dataset of their own: one step, whole examples.
+TINY_DATASET_TRAINING = "--steps 1 --batch-size 2 --eval-tokens 1024"
 # Commands the suite cannot run as printed here, and where what they do is tested.
 NOT_RUN = {
     "pip install": "the quickstart's installs: what CI itself runs (.ci/run)",
@@ -112,6 +114,7 @@ def after_quickstart(tmp_path_factory):
     result = run(quickstart, work)
     assert "identical generation: True" in result.stderr and "warning" not in result.stderr.lower()
     assert (work / "out" / "SmolLM2-135M-Instruct-v2" / "config.json").is_file()
+    shutil.copytree(ROOT / "examples" / "data", work / "examples" / "data")  # as in a clone of the repository
     data = work / "code"
     data.mkdir()
     for name in ("bisect", "colorsys", "heapq", "keyword", "fnmatch", "shlex"):  # a tiny corpus, split by file
@@ -124,7 +127,8 @@ def test_finetune_commands_run_as_printed(after_quickstart):
     commands = [c for c in shell_commands() if c.startswith("python -m finetune") and runnable(c)]
     assert commands
     for command in commands:
-        result = run(f"{command} {TINY_TRAINING.format(data=data)}", work)
+        tiny = TINY_DATASET_TRAINING if "--data" in command else TINY_TRAINING.format(data=data)
+        result = run(f"{command} {tiny}", work)
         output = shlex.split(command)[shlex.split(command).index("--output") + 1]
         assert (work / output / "metrics.json").is_file(), result.stderr[-2000:]
         if "--merge" in command:
