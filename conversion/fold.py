@@ -69,7 +69,7 @@ def fold_dex(model) -> LlamaForCausalLM:
     return llama.to(next(model.parameters()).dtype).eval()
 
 
-def _load(source: Path):
+def load_for_export(source: Path):
     """The DEX model in `source`: a saved model, or a LoRA adapter (merged into its base)."""
     if (source / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
@@ -92,7 +92,7 @@ def export_folded(source: str | Path, output: str | Path, *, overwrite: bool = F
     output = Path(output).expanduser().absolute()
     outputs.recover(output)
     outputs.check_output(output, source=source, overwrite=overwrite)
-    llama = fold_dex(_load(source))
+    llama = fold_dex(load_for_export(source))
     tokenizer = AutoTokenizer.from_pretrained(source)
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = outputs.temporary_folder(output)
