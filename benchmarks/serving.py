@@ -86,8 +86,9 @@ def measure_in_vllm(job: dict) -> dict:
 
 
 # --- here ------------------------------------------------------------------------------------------------------
-def folders(work: Path, source: Path | None) -> dict[str, Path]:
-    """The Llama (SmolLM2-135M-Instruct unless `source` names another folder) and its conversions, made once."""
+def folders(work: Path, source: Path | None, names=tuple(MODELS)) -> dict[str, Path]:
+    """The Llama (SmolLM2-135M-Instruct unless `source` names another folder) and its conversions `names`, made
+    once."""
     from conversion import convert
 
     if source is None:
@@ -96,6 +97,8 @@ def folders(work: Path, source: Path | None) -> dict[str, Path]:
         source = export_source(work / "llama")
     made = {}
     for name, strategy in MODELS.items():
+        if name not in names:
+            continue
         folder = source if strategy is None else work / name
         if strategy is not None and not (folder / "config.json").is_file():
             convert(source=source, output=folder, strategy=strategy, preserve=True, verify=False, progress=False)
@@ -235,6 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vllm-python", type=Path, default=lab.ROOT / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--work", type=Path, default=None, help="model folders (default: OUT/cache)")
     parser.add_argument("--source", type=Path, default=None, help="a Llama folder instead of SmolLM2-135M-Instruct")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                        help="the models to measure (the Llama always)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="vLLM's torch.compile (and CUDA graphs on a GPU), as vLLM serves by default; "
                              "default: on, off for --quick; --no-compile measures the eager engine")
@@ -256,7 +261,7 @@ def main(argv=None) -> int:
                                                  "compile": args.compile, "repeats": args.repeats}, fresh=args.fresh,
                           selects=("repeats",))
     results.put("environment", lab.environment())
-    made = folders(args.work or out / "cache", args.source)
+    made = folders(args.work or out / "cache", args.source, {"llama", *args.models})
     for dtype in dtypes:
         for name, folder in made.items():
             key = f"vllm/{name}/{dtype}"

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -89,3 +91,33 @@ def test_v2_kernel_benchmark_checks_every_kernel_against_the_models_call(tmp_pat
     training = report["training"]["40"]  # forward and backward, the chunks' gradients checked against the call's
     assert set(training["ratio"]) == {"llama", "sdpa-2h", "chunks-python"} and training["max_error"] < 1e-5
     assert "Forward and backward" in (tmp_path / "results.md").read_text()
+
+
+def test_local_inference_benchmark_measures_every_runtime_and_resumes(tmp_path):
+    """benchmarks/local_inference.py on a tiny Llama and its version-2 conversion: every runtime measured, ONNX
+    Runtime's greedy tokens compared with transformers', a rerun measures nothing again."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from test_trainer import MODULES, STDLIB, byte_level_tokenizer
+
+    source = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                     ).save_pretrained(source)
+    byte_level_tokenizer([STDLIB / f"{name}.py" for name in MODULES]).save_pretrained(source)
+    command = [sys.executable, str(ROOT / "benchmarks" / "local_inference.py"), "--quick", "--source", str(source),
+               "--models", "v2", "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    runtimes = ("torch", "torch-int8", "torch-int4", "onnx", "onnx-int8")
+    assert set(runs) == {f"{model}/{runtime}" for model in ("llama", "v2") for runtime in runtimes}
+    for model in ("llama", "v2"):
+        assert runs[f"{model}/onnx"]["tokens_equal_torch"] is True
+        assert runs[f"{model}/onnx"]["perplexity"] == pytest.approx(runs[f"{model}/torch"]["perplexity"], rel=1e-4)
+        assert all(runs[f"{model}/{runtime}"]["decode_tok_s"] > 0 for runtime in runtimes)
+    assert "| onnx-int8 | v2 |" in (tmp_path / "out" / "results.md").read_text()
+    before = (tmp_path / "out" / "results.json").read_text()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0 and "[local]" not in rerun.stdout
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"] == json.loads(before)["runs"]

@@ -335,4 +335,5 @@ def test_help_shows_the_defaults():
 
     text = build_parser().format_help()
     for option, default in (("--steps", 200), ("--block-size", 512), ("--batch-size", 8), ("--lora-r", 16)):
-        assert f"(default: {default})" in text.split(option + " ", 2)[2].split("\n  --", 1)[0], option
+        entry = " ".join(text.split(option + " ", 2)[2].split("\n  --", 1)[0].split())  # wrapped lines joined
+        assert f"(default: {default})" in entry, option

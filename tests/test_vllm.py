@@ -196,10 +196,10 @@ def test_tensor_parallel_over_two_processes(folders):
     jobs = [
         {"folder": str(folders[name][0]), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
          "engine": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp", **EAGER}}
-        for name in ("v1", "v2", "dex")
+        for name in ("v1", "v2")
     ]
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    for name, result in zip(("v1", "v2", "dex"), run_vllm(jobs, env=env)):
+    for name, result in zip(("v1", "v2"), run_vllm(jobs, env=env)):
         _, tokens, logprobs = folders[name]
         check_against_reference(result, tokens, logprobs, f"{name}, TP=2")
 
@@ -244,62 +244,78 @@ print(json.dumps({"model": model, "completion": tokens, "completion_tokens": com
 """
 
 
-@pytest.mark.parametrize("name", ["v2", "v1", "dex"])
-def test_openai_server_answers_a_completion_and_the_docs_chat(name, tmp_path):
-    """The server as docs/serving.md starts it, for every version; its client snippet runs as printed (the port
-    aside) against the served name the docs use."""
-    from test_readme import python_blocks
+SERVED_NAME = "out/SmolLM2-135M-Instruct-v2"  # the folder docs/serving.md serves, as the name clients ask for
+
+
+def wait_until_healthy(server: subprocess.Popen, port: int, log: Path, deadline: float) -> None:
+    while True:
+        assert server.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "the server did not start in time"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def openai_servers(tmp_path_factory):
+    """The server as docs/serving.md starts it, for versions 2, 1 and DEX on tiny models with a chat template, all
+    started at once (their minute of start-up overlaps); then each stopped by its PID."""
     from test_trainer import byte_level_tokenizer  # a small BPE tokenizer trained here, no download
 
-    folder = tmp_path / name
-    model = tiny_model(folder, **MODELS[name])
     tokenizer = byte_level_tokenizer([Path(shutil.__file__)])
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
+    started = {}
+    try:
+        for name in ("v2", "v1", "dex"):
+            folder = tmp_path_factory.mktemp(f"served-{name}")
+            model = tiny_model(folder, **MODELS[name])
+            tokenizer.save_pretrained(folder)
+            port, log = free_port(), folder / "server.log"
+            server = subprocess.Popen(
+                [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host",
+                 "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                 "--served-model-name", SERVED_NAME],
+                stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+            )
+            started[name] = server, port, log, model
+        deadline = time.monotonic() + 400
+        for server, port, log, _ in started.values():
+            wait_until_healthy(server, port, log, deadline)
+        yield {name: (port, model, tokenizer) for name, (_, port, _, model) in started.items()}
+    finally:
+        for server, *_ in started.values():
+            server.terminate()
+        for server, *_ in started.values():
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+@pytest.mark.parametrize("name", ["v2", "v1", "dex"])
+def test_openai_server_answers_a_completion_and_the_docs_chat(name, openai_servers):
+    """A completion (its tokens ours) and docs/serving.md's client snippet, as printed but for the port."""
+    from test_readme import python_blocks
+
+    port, model, tokenizer = openai_servers[name]
     prompt = "def main(args):"
     ids = tokenizer(prompt)["input_ids"]
     expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(ids):]
     (snippet,) = python_blocks("docs/serving.md")
-    served_name = "out/SmolLM2-135M-Instruct-v2"
-    assert f'model="{served_name}"' in snippet and "127.0.0.1:8000" in snippet
-
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-         "--served-model-name", served_name],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the server did not start in 300 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        answer = subprocess.run([str(VLLM_PYTHON), "-c", CLIENT, str(port), prompt], capture_output=True, text=True,
-                                timeout=120)
-        assert answer.returncode == 0, answer.stderr[-3000:]
-        chat = subprocess.run([str(VLLM_PYTHON), "-c", snippet.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
-                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-        assert chat.returncode == 0, chat.stderr[-3000:]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
-    assert server.returncode is not None
+    assert f'model="{SERVED_NAME}"' in snippet and "127.0.0.1:8000" in snippet
+    answer = subprocess.run([str(VLLM_PYTHON), "-c", CLIENT, str(port), prompt], capture_output=True, text=True,
+                            timeout=120)
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    chat = subprocess.run([str(VLLM_PYTHON), "-c", snippet.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert chat.returncode == 0, chat.stderr[-3000:]
     result = json.loads(answer.stdout.strip().splitlines()[-1])
-    assert result["model"] == served_name
+    assert result["model"] == SERVED_NAME
     assert result["completion_tokens"] == 6 and result["chat_tokens"] >= 1
     assert result["completion"] == expected.tolist()
     assert isinstance(result["chat"], str)
@@ -319,12 +335,13 @@ def test_serving_benchmark_smoke_run(tmp_path):
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                  tie_word_embeddings=True)).save_pretrained(source)
     byte_level_tokenizer([STDLIB / f"{name}.py" for name in MODULES]).save_pretrained(source)
+    measured = ["llama", "widened"]  # the Llama and the model that differs most from it (the others as widened)
     argv = ["--quick", "--source", str(source), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
-            "--vllm-python", str(VLLM_PYTHON)]
+            "--vllm-python", str(VLLM_PYTHON), "--models", "widened"]
     assert serving.main(argv) == 0
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
-    assert set(runs) == {f"{tool}/{name}/float32" for tool in ("vllm", "generate") for name in serving.MODELS}
-    for name in serving.MODELS:
+    assert set(runs) == {f"{tool}/{name}/float32" for tool in ("vllm", "generate") for name in measured}
+    for name in measured:
         (row,) = runs[f"vllm/{name}/float32"]["rows"]
         assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["new_tokens"] == 4
     table = (tmp_path / "out" / "results.md").read_text()
