@@ -149,28 +149,32 @@ def convert(
     )
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    temp = outputs.temporary_folder(output)
-    temp.mkdir()
-    writer = StreamingWriter(temp, plan.entries, shard_bytes)
+    outputs.claim(output, "conversion")  # a second run into the same output is refused
     try:
-        _stream(shards, weight_map, writer, plan, progress=progress)
-        weight_map.target_config.save_pretrained(temp)  # also copies configuration_diff.py and modeling_diff.py
-        tokenizer.save_pretrained(temp)
-        generation_config.save_pretrained(temp)
-        (temp / "README.md").write_text(model_card(**card))
-        outputs.write_manifest(temp, _manifest_facts(resolved, strategy, preserve, dtype, seed, init))
-        outputs.move_into_place(temp, output)
-    except BaseException as error:
-        writer.abort()
-        shutil.rmtree(temp, ignore_errors=True)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ConversionError(
-                f"no space left to write {output} ({error.strerror}); nothing was written and the source is "
-                "untouched: free space on that disk or choose another OUTPUT."
-            ) from error
-        if isinstance(error, KeyboardInterrupt):
-            raise ConversionInterrupted(f"interrupted: nothing was written; {output} is as it was") from error
-        raise
+        temp = outputs.temporary_folder(output)
+        temp.mkdir()
+        writer = StreamingWriter(temp, plan.entries, shard_bytes)
+        try:
+            _stream(shards, weight_map, writer, plan, progress=progress)
+            weight_map.target_config.save_pretrained(temp)  # also copies configuration_diff.py and modeling_diff.py
+            tokenizer.save_pretrained(temp)
+            generation_config.save_pretrained(temp)
+            (temp / "README.md").write_text(model_card(**card))
+            outputs.write_manifest(temp, _manifest_facts(resolved, strategy, preserve, dtype, seed, init))
+            outputs.move_into_place(temp, output, replace=overwrite)
+        except BaseException as error:
+            writer.abort()
+            shutil.rmtree(temp, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ConversionError(
+                    f"no space left to write {output} ({error.strerror}); nothing was written and the source is "
+                    "untouched: free space on that disk or choose another OUTPUT."
+                ) from error
+            if isinstance(error, KeyboardInterrupt):
+                raise ConversionInterrupted(f"interrupted: nothing was written; {output} is as it was") from error
+            raise
+    finally:
+        outputs.release(output)
     logger.info(f"wrote {output}")
 
     if verify:

@@ -69,10 +69,33 @@ def fold_dex(model) -> LlamaForCausalLM:
     return llama.to(next(model.parameters()).dtype).eval()
 
 
+def check_adapter_base(adapter: Path) -> None:
+    """Refuse an adapter whose recorded base model folder is gone, naming it and the fix (PEFT would read the path
+    as a Hub id and fail with "Repo id must be in the form ...")."""
+    import json
+
+    config_file = adapter / "adapter_config.json"
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{config_file} cannot be read ({error}): the adapter folder is damaged.") from None
+    if not base:
+        raise ConversionError(f"{config_file} names no base model (base_model_name_or_path): set it to the base folder.")
+    path = Path(base).expanduser()
+    if (path.is_absolute() or base.startswith(".") or base.count("/") > 1) and not path.is_dir():
+        raise ConversionError(
+            f"the adapter in {adapter} was trained on the base model {base}, which is not there (moved, or the run was "
+            f"copied from another machine): put the base model back at that path, or set base_model_name_or_path in "
+            f"{config_file} to where it is now."
+        )
+
+
 def load_for_export(source: Path):
     """The DEX model in `source`: a saved model, or a LoRA adapter (merged into its base)."""
     if (source / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
+
+        check_adapter_base(source)
 
         import finetune  # noqa: F401  registers our model type with PEFT
 

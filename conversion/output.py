@@ -8,10 +8,14 @@ renames; whatever interrupts it, the old output is restored or the new one is in
 a kill, at the start of the next conversion into the same folder.
 """
 
+import atexit
 import json
 import os
 import re
 import shutil
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,7 @@ MANIFEST_NAME = "diffllama_conversion.json"
 WRITTEN_BY = "diffllama conversion"
 TEMP_MARK = ".converting-"
 REPLACED_MARK = ".replaced-"
+LOCK_MARK = ".lock"
 
 
 def inside(path: Path, folder: Path) -> bool:
@@ -176,8 +181,10 @@ def _running(folder: Path) -> bool:
     return True
 
 
-def move_into_place(temp: Path, output: Path, *, manifest: Manifest = CONVERSION) -> None:
-    """Rename the finished `temp` to `output`, swapping out an earlier output of the tool that `manifest` names.
+def move_into_place(temp: Path, output: Path, *, manifest: Manifest = CONVERSION, replace: bool = True) -> None:
+    """Rename the finished `temp` to `output`, swapping out an earlier output of the tool that `manifest` names when
+    `replace` (the run's overwrite option); an output that appeared while `temp` was written (another run) is never
+    replaced without it.
 
     Interrupted between the two renames (Ctrl-C, SIGTERM, an error), the old output is renamed back before the
     exception goes on; killed there, `recover` puts it back on the next run.
@@ -187,6 +194,11 @@ def move_into_place(temp: Path, output: Path, *, manifest: Manifest = CONVERSION
     if not output.exists():
         temp.rename(output)
         return
+    if not replace:
+        raise ConversionError(
+            f"output {output} appeared while this run was writing (another run into the same folder?): nothing was "
+            "replaced; choose another folder, or pass --overwrite to replace it."
+        )
     changed = manifest.foreign_files(output)
     if changed != []:  # it changed while the new output was written
         added = f" (files added: {', '.join(changed[:3])})" if changed else ""
@@ -203,3 +215,60 @@ def move_into_place(temp: Path, output: Path, *, manifest: Manifest = CONVERSION
             replaced.rename(output)
         raise
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _lock_file(output: Path) -> Path:
+    return output.parent / f".{output.name}{LOCK_MARK}"
+
+
+def claim(output: Path, tool: str) -> None:
+    """Hold `output` for this process until `release` (or its exit): a second run writing the same output, of any
+    of our tools, is refused, naming the process that holds it. A lock left by a process that is gone (killed) or
+    by this one (an earlier call that failed) is taken over. `output`'s parent folder must exist."""
+    lock = _lock_file(output)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "tool": tool, "since": time.strftime("%H:%M:%S"),
+              "command": " ".join(sys.argv)[:300]}
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            alive = isinstance(pid, int) and pid != os.getpid() and (host != record["host"] or _alive(pid))
+            if alive:
+                where = f"process {pid}" + (f" on {host}" if host != record["host"] else "")
+                raise ConversionError(
+                    f"output {output} is being written by another run ({holder.get('tool', 'a run')}, {where}, since "
+                    f"{holder.get('since', '?')}: {holder.get('command', '')}): wait for it to finish or choose "
+                    f"another folder. If no such run exists, remove {lock}."
+                )
+            lock.unlink(missing_ok=True)  # its process is gone, or it is this process's own
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(record, file)
+        atexit.register(release, output)
+        return
+    raise ConversionError(f"could not lock {output}: another run keeps taking {lock}; try again")
+
+
+def release(output: Path) -> None:
+    """Give up this process's hold on `output` (nothing if another process holds it)."""
+    lock = _lock_file(output)
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -10,7 +10,9 @@ import inspect
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 
 from configuration_diff import ATTENTION_IMPLEMENTATIONS
 from conversion.help import HelpFormatter
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops a run as Ctrl-C does, saying what was kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     # One process of several (torchrun, accelerate) speaks for all: the others show warnings only.
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         metrics = finetune(**args)
     except (OSError, ValueError, ImportError) as error:  # missing folders or extras, bad checkpoints or options
@@ -89,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupted:
         said = str(interrupted) or "interrupted; continue from the last checkpoint with --resume"
         parser.exit(130, f"{parser.prog}: {said}\n")
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     logging.getLogger("finetune").info(held_out_summary(metrics))
     return 0
 

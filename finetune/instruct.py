@@ -92,7 +92,9 @@ def last_turn_as_completion(row: dict) -> dict:
     messages = row["messages"]
     last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=None)
     if last is None or last == 0:
-        raise ValueError(f"a messages row needs an assistant message after the first message: {json.dumps(messages)[:200]}")
+        raise ValueError(
+            f"a messages row needs an assistant message after the first message: {json.dumps(messages)[:200]}"
+        )
     return {"prompt": messages[:last], "completion": [messages[last]]}
 
 
@@ -131,7 +133,8 @@ def build_instruction_data(
     kind = dataset_kind(train.column_names, data=data)
     if preference and kind != "preference":
         raise ValueError(
-            f"--dpo needs preference data (prompt, chosen and rejected columns); {data} has {', '.join(train.column_names)}"
+            f"--dpo needs preference data (prompt, chosen and rejected columns); {data} has "
+            f"{', '.join(train.column_names)}"
         )
     if kind == "preference" and not preference:
         raise ValueError(f"{data} holds preference pairs (prompt, chosen, rejected): pass --dpo to train on them")
@@ -152,7 +155,8 @@ def build_instruction_data(
         train, held_out = train.select([i for i in order if i not in kept]), train.select(held)
     held_out = held_out.select(range(min(len(held_out), max_eval_examples)))
     if kind == "messages":
-        train, held_out = (rows.map(last_turn_as_completion, remove_columns=rows.column_names) for rows in (train, held_out))
+        train, held_out = (rows.map(last_turn_as_completion, remove_columns=rows.column_names)
+                           for rows in (train, held_out))
     keep = KINDS[kind] if kind != "messages" else KINDS["prompt-completion"]
     train, held_out = (rows.select_columns(list(keep)) for rows in (train, held_out))
     result = InstructionData(train, held_out, kind)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from configuration_diff import AUTO_MAP
@@ -98,33 +97,71 @@ def _loss_curve(log_history: list[dict]) -> list[dict]:
             for entry in log_history if "loss" in entry]
 
 
+def _missing_state(checkpoint: Path) -> list[str]:
+    """What `checkpoint` lacks to continue a run where it stopped (a kill during its save leaves it incomplete)."""
+    missing = [name for name in RESUME_FILES if not (checkpoint / name).is_file()]
+    if not missing:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+        except (ValueError, KeyError, TypeError):
+            missing = ["a readable trainer_state.json"]
+    return missing
+
+
+def _checkpoints_newest_first(checkpoints: Path) -> list[Path]:
+    found = [path for path in checkpoints.glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
+    return sorted(found, key=lambda path: int(path.name[11:]), reverse=True)
+
+
+def newest_complete_checkpoint(checkpoints: Path) -> Path | None:
+    return next((path for path in _checkpoints_newest_first(checkpoints) if not _missing_state(path)), None) \
+        if checkpoints.is_dir() else None
+
+
 def _resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
-    """The checkpoint to continue from, refused unless it holds the state that makes it a continuation."""
+    """The checkpoint to continue from: the one given, or the newest complete one in `checkpoints` (a newer one that
+    a kill left incomplete is skipped, with a warning). Refused unless it holds the state that makes it a
+    continuation."""
     if not resume:
         return None
     if resume is not True:
         if not Path(resume).is_dir():
             raise FileNotFoundError(f"checkpoint {resume} does not exist")
-        last = str(resume)
-    else:
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if last is None:
-            raise FileNotFoundError(f"nothing to resume: no checkpoint-* folder in {checkpoints}")
-    missing = [name for name in RESUME_FILES if not (Path(last) / name).is_file()]
-    if missing:
+        missing = _missing_state(Path(resume))
+        if missing:
+            newest = newest_complete_checkpoint(Path(resume).parent)
+            instead = f"resume from {newest} instead, or " if newest is not None else ""
+            raise FileNotFoundError(
+                f"checkpoint {resume} lacks {', '.join(missing)}: resuming would silently restart the optimizer or the "
+                f"learning-rate schedule; {instead}start a new run"
+            )
+        return str(resume)
+    newest = _checkpoints_newest_first(checkpoints) if checkpoints.is_dir() else []
+    if not newest:
+        raise FileNotFoundError(f"nothing to resume: no checkpoint-* folder in {checkpoints}")
+    complete = newest_complete_checkpoint(checkpoints)
+    if complete is None:
         raise FileNotFoundError(
-            f"checkpoint {last} lacks {', '.join(missing)}: resuming would silently restart the optimizer or the "
-            "learning-rate schedule; resume from a complete checkpoint, or start a new run"
+            f"nothing to resume: no checkpoint in {checkpoints} is complete ({newest[0].name} lacks "
+            f"{', '.join(_missing_state(newest[0]))}); start a new run with --overwrite"
         )
-    state = Path(last) / "trainer_state.json"
-    try:
-        json.loads(state.read_text())["global_step"]
-    except (ValueError, KeyError, TypeError) as error:
+    for skipped in newest[: newest.index(complete)]:
+        logger.warning(f"{skipped.name} is incomplete (it lacks {', '.join(_missing_state(skipped))}, as when a run "
+                       f"is killed while saving): resuming from {complete.name}")
+    return str(complete)
+
+
+def _check_resumed_run(output: Path, facts: dict) -> None:
+    """Refuse to continue an earlier run with another model, mode or objective: its checkpoint would be loaded onto
+    a model it was not trained for (or fail inside the optimizer)."""
+    recorded = RUN_MANIFEST.read(output) or {}
+    differing = [f"{name}: the run has {recorded[name]!r}, this command {facts[name]!r}"
+                 for name in ("model", "mode", "dpo") if name in recorded and recorded[name] != facts[name]]
+    if differing:
         raise ValueError(
-            f"{state} is damaged ({type(error).__name__}: {error}): resume from an earlier checkpoint or start a "
-            "new run"
-        ) from error
-    return last
+            f"--resume continues the run in {output}, which differs from this command ({'; '.join(differing)}): "
+            "pass the run's own options, or start a new run in another --output"
+        )
 
 
 def resolve_model(model: str | Path) -> str:
@@ -386,171 +423,196 @@ def finetune(
     if replacing:  # the earlier run stays untouched until the new one is complete
         output = replacement_folder(final_output)
     checkpoints = output / CHECKPOINTS_DIR
+    facts = {"model": model, "mode": mode, "dpo": dpo, "data": str(data), "steps": steps, "block_size": block_size,
+             "seed": seed}
+    if resume:
+        _check_resumed_run(output, facts)
     resume_from = _resume_checkpoint(resume, checkpoints)
-
-    since = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    # safetensors only: a pickled checkpoint is refused rather than unpickled
-    load_kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "use_safetensors": True}
-    if attn_implementation is not None:
-        load_kwargs["attn_implementation"] = attn_implementation
-    base = AutoModelForCausalLM.from_pretrained(model, **load_kwargs)
-    if len(tokenizer) > base.config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {base.config.vocab_size}"
-        )
-    base.config.use_cache = False  # a training forward pass has no use for a cache, and checkpointing refuses one
-    refused = _foreign_code(model) if not trust_remote_code else []
-    if refused:
-        names = "; ".join(refused)
-        logger.warning(f"{model} names its own code ({names}); it was not run: the installed classes were used")
-
-    # Seeded before the adapter exists: LoRA's A matrices are drawn when it is built.
-    torch.manual_seed(seed)
-    trained = prepare_model(
-        base, mode=mode, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, second_maps=second_maps
-    )
-    parameters = count_parameters(trained)
-    logger.info(f"{mode} fine-tuning of {model}: {parameters['trainable']:,} of {parameters['total']:,} parameters")
-    since = phase_done("loading_the_model", since)
-
-    arguments = {
-        "output_dir": str(checkpoints),
-        "max_steps": steps,
-        "per_device_train_batch_size": batch_size,
-        "per_device_eval_batch_size": batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps,
-        "learning_rate": learning_rate if learning_rate is not None else (2e-4 if mode == "lora" else 5e-5),
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": max(1, steps // 20) if warmup_steps is None else warmup_steps,
-        "weight_decay": weight_decay,
-        "logging_steps": max(1, steps // 100) if log_every is None else log_every,
-        "save_strategy": "steps",
-        "save_steps": save_steps,
-        "save_total_limit": 2,
-        "activation_checkpointing": gradient_checkpointing,
-        "bf16": bf16,
-        "seed": seed,
-        "report_to": "none",
-        "dataloader_num_workers": 0,  # blocks are in memory already
-        "dataloader_pin_memory": torch.cuda.is_available(),
-        "ddp_find_unused_parameters": False,  # every trained parameter takes part in every step
-    }
-    callbacks = dex_callbacks(trained)  # DEX's λ schedule; none for other models
-    if uses_dataset:
-        trainer_class, config_class = instruct.trl_trainer(dpo=dpo, schedule=WarmupAboveZero)
-        arguments["max_length"] = block_size
-        arguments.update({"beta": dpo_beta} if dpo else {"packing": packing, "eval_packing": False})
-        args = config_class(**{**arguments, **(training_args or {})})
-        dataset = instruct.build_instruction_data(
-            data, eval_fraction=eval_fraction, max_eval_examples=max(1, eval_tokens // block_size), preference=dpo,
-            has_chat_template=bool(tokenizer.chat_template),
-        )
-        data_summary = {**dataset.summary(), "examples_per_step": batch_size * gradient_accumulation_steps * args.world_size}
-        trainer = trainer_class(model=trained, args=args, train_dataset=dataset.train, eval_dataset=dataset.held_out,
-                                processing_class=tokenizer, callbacks=callbacks)
-    else:
-        args = TrainingArguments(**{**arguments, **(training_args or {})})
-        # A step consumes a batch on every process: the default budget is one epoch over all of them.
-        tokens_per_step = batch_size * gradient_accumulation_steps * block_size * args.world_size
-        corpus = build_corpus(
-            data,
-            tokenizer,
-            block_size=block_size,
-            eval_fraction=eval_fraction,
-            max_train_tokens=steps * tokens_per_step if max_train_tokens is None else max_train_tokens,
-            max_eval_tokens=eval_tokens,
-        )
-        data_summary = {**corpus.summary(), "tokens_per_step": tokens_per_step}
-        trainer = RecipeTrainer(model=trained, args=args, train_dataset=corpus.train,
-                                data_collator=default_data_collator, processing_class=tokenizer, callbacks=callbacks)
-    since = phase_done("reading_the_data", since)
-    main_process = trainer.is_world_process_zero()
-    facts = {"model": model, "mode": mode, "data": str(data), "steps": steps, "block_size": block_size, "seed": seed}
-    if main_process:
-        if replacing:
-            clear_unfinished_replacement(output)
-        output.mkdir(parents=True, exist_ok=True)
-        RUN_MANIFEST.write(output, facts, files=[])  # from here on the folder is this run's, checkpoints included
-
-    # Measured on the model as loaded (a resumed run too), so "before" always means the starting checkpoint.
-    progress = logging.is_progress_bar_enabled() and not args.disable_tqdm
-
-    def held_out() -> dict:
-        """The held-out score: next-token loss (of the answers, for instruction data), or DPO's loss and accuracy."""
-        if not uses_dataset:
-            return {"loss": held_out_loss(trained, corpus.held_out, batch_size=batch_size, progress=progress)}
-        scores = trainer.evaluate()
-        if dpo:
-            return {"dpo_loss": scores["eval_loss"], "reward_accuracy": scores["eval_rewards/accuracies"]}
-        return {"loss": scores["eval_loss"]}
-
-    def report(scores: dict, when: str) -> None:
-        if dpo:
-            logger.info(f"held-out DPO loss {when}: {scores['dpo_loss']:.4f}, reward accuracy {scores['reward_accuracy']:.3f}")
-        else:
-            logger.info(f"held-out perplexity {when}: {math.exp(scores['loss']):.3f}")
-
-    before = held_out()
-    report(before, "before training")
-    since = phase_done("scoring_before", since)
+    # One run writes an output at a time (the main process of a multi-process run holds it for all).
+    holds_output = int(os.environ.get("RANK", "0")) == 0
+    if holds_output:
+        final_output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            outputs.claim(final_output, "finetune")
+        except ConversionError as held:
+            raise ValueError(str(held)) from None
     try:
-        train_output = trainer.train(resume_from_checkpoint=resume_from)
-    except KeyboardInterrupt:
-        if replacing:
+
+        since = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        # safetensors only: a pickled checkpoint is refused rather than unpickled
+        load_kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "use_safetensors": True}
+        if attn_implementation is not None:
+            load_kwargs["attn_implementation"] = attn_implementation
+        base = AutoModelForCausalLM.from_pretrained(model, **load_kwargs)
+        if len(tokenizer) > base.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {base.config.vocab_size}"
+            )
+        base.config.use_cache = False  # a training forward pass has no use for a cache, and checkpointing refuses one
+        refused = _foreign_code(model) if not trust_remote_code else []
+        if refused:
+            names = "; ".join(refused)
+            logger.warning(f"{model} names its own code ({names}); it was not run: the installed classes were used")
+
+        # Seeded before the adapter exists: LoRA's A matrices are drawn when it is built.
+        torch.manual_seed(seed)
+        trained = prepare_model(
+            base, mode=mode, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, second_maps=second_maps
+        )
+        parameters = count_parameters(trained)
+        logger.info(f"{mode} fine-tuning of {model}: {parameters['trainable']:,} of {parameters['total']:,} parameters")
+        since = phase_done("loading_the_model", since)
+
+        arguments = {
+            "output_dir": str(checkpoints),
+            "max_steps": steps,
+            "per_device_train_batch_size": batch_size,
+            "per_device_eval_batch_size": batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "learning_rate": learning_rate if learning_rate is not None else (2e-4 if mode == "lora" else 5e-5),
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": max(1, steps // 20) if warmup_steps is None else warmup_steps,
+            "weight_decay": weight_decay,
+            "logging_steps": max(1, steps // 100) if log_every is None else log_every,
+            "save_strategy": "steps",
+            "save_steps": save_steps,
+            "save_total_limit": 2,
+            "activation_checkpointing": gradient_checkpointing,
+            "bf16": bf16,
+            "seed": seed,
+            "report_to": "none",
+            "dataloader_num_workers": 0,  # blocks are in memory already
+            "dataloader_pin_memory": torch.cuda.is_available(),
+            "ddp_find_unused_parameters": False,  # every trained parameter takes part in every step
+        }
+        callbacks = dex_callbacks(trained)  # DEX's λ schedule; none for other models
+        if uses_dataset:
+            trainer_class, config_class = instruct.trl_trainer(dpo=dpo, schedule=WarmupAboveZero)
+            arguments["max_length"] = block_size
+            arguments.update({"beta": dpo_beta} if dpo else {"packing": packing, "eval_packing": False})
+            args = config_class(**{**arguments, **(training_args or {})})
+            dataset = instruct.build_instruction_data(
+                data, eval_fraction=eval_fraction, max_eval_examples=max(1, eval_tokens // block_size), preference=dpo,
+                has_chat_template=bool(tokenizer.chat_template),
+            )
+            examples_per_step = batch_size * gradient_accumulation_steps * args.world_size
+            data_summary = {**dataset.summary(), "examples_per_step": examples_per_step}
+            trainer = trainer_class(model=trained, args=args, train_dataset=dataset.train,
+                                    eval_dataset=dataset.held_out, processing_class=tokenizer, callbacks=callbacks)
+        else:
+            args = TrainingArguments(**{**arguments, **(training_args or {})})
+            # A step consumes a batch on every process: the default budget is one epoch over all of them.
+            tokens_per_step = batch_size * gradient_accumulation_steps * block_size * args.world_size
+            corpus = build_corpus(
+                data,
+                tokenizer,
+                block_size=block_size,
+                eval_fraction=eval_fraction,
+                max_train_tokens=steps * tokens_per_step if max_train_tokens is None else max_train_tokens,
+                max_eval_tokens=eval_tokens,
+            )
+            data_summary = {**corpus.summary(), "tokens_per_step": tokens_per_step}
+            trainer = RecipeTrainer(model=trained, args=args, train_dataset=corpus.train,
+                                    data_collator=default_data_collator, processing_class=tokenizer,
+                                    callbacks=callbacks)
+        since = phase_done("reading_the_data", since)
+        main_process = trainer.is_world_process_zero()
+        if main_process:
+            if replacing:
+                clear_unfinished_replacement(output)
+            output.mkdir(parents=True, exist_ok=True)
+            RUN_MANIFEST.write(output, facts, files=[])  # from here on the folder is this run's, checkpoints included
+
+        # Measured on the model as loaded (a resumed run too), so "before" always means the starting checkpoint.
+        progress = logging.is_progress_bar_enabled() and not args.disable_tqdm
+
+        def held_out() -> dict:
+            """The held-out score: next-token loss (of the answers, for instruction data), or DPO's loss and
+            accuracy."""
+            if not uses_dataset:
+                return {"loss": held_out_loss(trained, corpus.held_out, batch_size=batch_size, progress=progress)}
+            scores = trainer.evaluate()
+            if dpo:
+                return {"dpo_loss": scores["eval_loss"], "reward_accuracy": scores["eval_rewards/accuracies"]}
+            return {"loss": scores["eval_loss"]}
+
+        def report(scores: dict, when: str) -> None:
+            if dpo:
+                logger.info(f"held-out DPO loss {when}: {scores['dpo_loss']:.4f}, "
+                            f"reward accuracy {scores['reward_accuracy']:.3f}")
+            else:
+                logger.info(f"held-out perplexity {when}: {math.exp(scores['loss']):.3f}")
+
+        before = held_out()
+        report(before, "before training")
+        since = phase_done("scoring_before", since)
+        try:
+            train_output = trainer.train(resume_from_checkpoint=resume_from)
+        except KeyboardInterrupt:
+            if replacing:
+                raise KeyboardInterrupt(
+                    f"interrupted: the earlier run in {final_output} is unchanged; the unfinished replacement in {output} "
+                    "is removed by the next --overwrite"
+                ) from None
+            kept = newest_complete_checkpoint(checkpoints)
             raise KeyboardInterrupt(
-                f"interrupted: the earlier run in {final_output} is unchanged; the unfinished replacement in {output} "
-                "is removed by the next --overwrite"
+                f"interrupted at step {trainer.state.global_step}: {kept} is the newest complete checkpoint; continue "
+                "with --resume" if kept is not None else
+                f"interrupted at step {trainer.state.global_step}, before a complete checkpoint: start again with "
+                "--overwrite"
             ) from None
-        raise
-    since = phase_done("training", since)
-    after = held_out()
-    report(after, f"after {trainer.state.global_step} steps")
-    since = phase_done("scoring_after", since)
+        since = phase_done("training", since)
+        after = held_out()
+        report(after, f"after {trainer.state.global_step} steps")
+        since = phase_done("scoring_after", since)
 
-    # Through the Trainer: it gathers FSDP-sharded weights first, and only the main process writes. A LoRA PeftModel
-    # writes its adapter, a full model its weights and config; the tokenizer is the Trainer's processing_class.
-    trainer.save_model(str(output))
-    if merge and main_process:
-        merged = trained.merge_and_unload()
-        _drop_foreign_code(merged.config)
-        merged.save_pretrained(output / MERGED_DIR)
-        tokenizer.save_pretrained(output / MERGED_DIR)
-        logger.info(f"wrote the merged model (adapter folded into the weights) to {final_output / MERGED_DIR}")
-    since = phase_done("saving", since)
+        # Through the Trainer: it gathers FSDP-sharded weights first, and only the main process writes. A LoRA PeftModel
+        # writes its adapter, a full model its weights and config; the tokenizer is the Trainer's processing_class.
+        trainer.save_model(str(output))
+        if merge and main_process:
+            merged = trained.merge_and_unload()
+            _drop_foreign_code(merged.config)
+            merged.save_pretrained(output / MERGED_DIR)
+            tokenizer.save_pretrained(output / MERGED_DIR)
+            logger.info(f"wrote the merged model (adapter folded into the weights) to {final_output / MERGED_DIR}")
+        since = phase_done("saving", since)
 
-    metrics = {
-        "model": str(model),
-        "model_type": base.config.model_type,
-        "mode": mode,
-        "data": str(data),
-        "steps": trainer.state.global_step,
-        "resumed_from": resume_from,
-        "block_size": block_size,
-        "parameters": parameters,
-        **data_summary,
-        **{f"held_out_{name}_{when}": value for when, scores in (("before", before), ("after", after))
-           for name, value in scores.items()},
-        **({} if dpo else {"held_out_perplexity_before": math.exp(before["loss"]),
-                           "held_out_perplexity_after": math.exp(after["loss"])}),
-        **({"dpo_beta": dpo_beta, "reference_model": _reference_model(trainer)} if dpo else {}),
-        "train_loss": train_output.training_loss,
-        "loss_curve": _loss_curve(trainer.state.log_history),
-        "phase_seconds": phases,
-        "runtime_s": time.perf_counter() - started,
-    }
-    if main_process:
-        (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        (output / "README.md").write_text(run_card(metrics, merged=merge))  # in place of PEFT's empty template
-        written = [name for name in files_under(output) if not name.startswith(f"{CHECKPOINTS_DIR}/")]
-        RUN_MANIFEST.write(output, facts, files=written)
-        if replacing:
-            try:
-                outputs.move_into_place(output, final_output, manifest=RUN_MANIFEST)
-            except ConversionError as changed:
-                raise ValueError(f"{changed} The new run is complete in {output}.") from None
-            logger.info(f"replaced the earlier run in {final_output}")
-        logger.info(f"wrote {final_output / METRICS_FILE}")
+        metrics = {
+            "model": str(model),
+            "model_type": base.config.model_type,
+            "mode": mode,
+            "data": str(data),
+            "steps": trainer.state.global_step,
+            "resumed_from": resume_from,
+            "block_size": block_size,
+            "parameters": parameters,
+            **data_summary,
+            **{f"held_out_{name}_{when}": value for when, scores in (("before", before), ("after", after))
+               for name, value in scores.items()},
+            **({} if dpo else {"held_out_perplexity_before": math.exp(before["loss"]),
+                               "held_out_perplexity_after": math.exp(after["loss"])}),
+            **({"dpo_beta": dpo_beta, "reference_model": _reference_model(trainer)} if dpo else {}),
+            "train_loss": train_output.training_loss,
+            "loss_curve": _loss_curve(trainer.state.log_history),
+            "phase_seconds": phases,
+            "runtime_s": time.perf_counter() - started,
+        }
+        if main_process:
+            (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+            (output / "README.md").write_text(run_card(metrics, merged=merge))  # in place of PEFT's empty template
+            written = [name for name in files_under(output) if not name.startswith(f"{CHECKPOINTS_DIR}/")]
+            RUN_MANIFEST.write(output, facts, files=written)
+            if replacing:
+                try:
+                    outputs.move_into_place(output, final_output, manifest=RUN_MANIFEST)
+                except ConversionError as changed:
+                    raise ValueError(f"{changed} The new run is complete in {output}.") from None
+                logger.info(f"replaced the earlier run in {final_output}")
+            logger.info(f"wrote {final_output / METRICS_FILE}")
+    finally:
+        if holds_output:
+            outputs.release(final_output)
     return metrics
 
 

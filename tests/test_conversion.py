@@ -364,7 +364,8 @@ def test_killed_conversion_leaves_nothing_and_is_cleaned_next_run(tmp_path):
         process.kill()
         process.wait()
     assert not out.exists()
-    assert leftovers(out) == [f".out.converting-{process.pid}"]  # the killed run's temporary folder
+    # the killed run's temporary folder, and its lock on `out`, which the next run takes over (its process is gone)
+    assert leftovers(out) == [f".out.converting-{process.pid}", ".out.lock"]
     convert(source=folder, output=out, verify=False, progress=False)
     assert leftovers(out) == ["out"]
 

@@ -2,7 +2,9 @@
 write, an old output whose replacement was interrupted, a model folder given to `finetune` as its output."""
 
 import json
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -225,3 +227,44 @@ def test_finetune_refuses_an_output_with_files_it_did_not_write(tmp_path, llama)
     with pytest.raises(ValueError, match="output .*results holds files finetune did not write \\(paper.tex\\)"):
         finetune(model=llama, output=out, steps=1)
     assert [p.name for p in out.iterdir()] == ["paper.tex"]
+
+
+# Two runs on one output.
+
+
+@pytest.fixture
+def other_run(tmp_path):
+    """A live process that holds a lock on `tmp_path / "out"`, as a second conversion or finetune run would."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    lock = tmp_path / ".out.lock"
+    lock.write_text(json.dumps({"pid": process.pid, "host": socket.gethostname(), "tool": "conversion",
+                                "since": "12:00:00", "command": "python -m conversion other"}))
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_a_second_run_into_an_output_being_written_is_refused(tmp_path, llama, other_run):
+    with pytest.raises(ConversionError, match=rf"being written by another run \(conversion, process {other_run.pid}, "
+                                              r"since 12:00:00: python -m conversion other\)"):
+        convert_quietly(source=llama, output=tmp_path / "out")
+    with pytest.raises(ValueError, match=rf"being written by another run \(conversion, process {other_run.pid}"):
+        finetune(model=llama, output=tmp_path / "out", data=ROOT / "conversion", steps=1, block_size=16,
+                 batch_size=1, eval_tokens=16)
+    assert not (tmp_path / "out").exists()
+    other_run.kill()
+    other_run.wait()
+    convert_quietly(source=llama, output=tmp_path / "out")  # its process is gone: the lock is taken over, then freed
+    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / ".out.lock").exists()
+
+
+def test_an_output_that_appeared_during_the_run_is_replaced_only_with_overwrite(tmp_path, llama):
+    first = convert_quietly(source=llama, output=tmp_path / "first")
+    before = snapshot(first)
+    temp = tmp_path / ".first.converting-1"
+    shutil.copytree(first, temp)
+    with pytest.raises(ConversionError, match="appeared while this run was writing .* pass --overwrite"):
+        outputs.move_into_place(temp, first, replace=False)
+    assert snapshot(first) == before and temp.is_dir()
+    outputs.move_into_place(temp, first, replace=True)
+    assert snapshot(first) == before and not temp.exists()

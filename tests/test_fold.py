@@ -83,6 +83,13 @@ def test_export_writes_a_stock_llama_folder_from_a_model_or_an_adapter(tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(folded(ids).logits, expected, atol=TOLERANCE, rtol=0)
 
+    # the run copied to another machine, its base not there: named, with the fix, and nothing written
+    (tmp_path / "dex").rename(tmp_path / "moved")
+    with pytest.raises(ConversionError, match=r"trained on the base model .*/dex, which is not there .* set "
+                                              r"base_model_name_or_path in .*adapter_config.json"):
+        export_folded(tmp_path / "adapter", tmp_path / "after-the-move")
+    assert not (tmp_path / "after-the-move").exists()
+
 
 def test_what_cannot_fold_is_refused_with_the_reason(tmp_path, capsys):
     with pytest.raises(ConversionError, match="only DEX models fold.*diff_version 2"):

@@ -246,16 +246,64 @@ def test_command_line(v2_checkpoint, data_dir, tmp_path, capsys):
     assert error.count("\n") == 0 and "does not exist" in error
 
 
-def test_resume_from_an_incomplete_or_damaged_checkpoint_is_refused(v1_checkpoint, data_dir, tmp_path):
-    train(v1_checkpoint, tmp_path, data_dir, steps=2, save_steps=2)
-    checkpoint = tmp_path / CHECKPOINTS_DIR / "checkpoint-2"
-    (checkpoint / "optimizer.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"checkpoint-2 lacks optimizer.pt: resuming would silently restart"):
-        train(v1_checkpoint, tmp_path, data_dir, steps=4, resume=True)
-    (checkpoint / "optimizer.pt").write_bytes(b"")
-    (checkpoint / "trainer_state.json").write_text("{truncated")
-    with pytest.raises(ValueError, match=r"checkpoint-2/trainer_state.json is damaged"):
-        train(v1_checkpoint, tmp_path, data_dir, steps=4, resume=True)
+def test_resume_skips_an_incomplete_checkpoint_and_refuses_when_none_is_complete(v1_checkpoint, data_dir, tmp_path,
+                                                                                  caplog):
+    train(v1_checkpoint, tmp_path, data_dir, steps=4, save_steps=2)
+    checkpoints = tmp_path / CHECKPOINTS_DIR
+    (checkpoints / "checkpoint-4" / "optimizer.pt").unlink()  # as a kill during its save leaves it
+    with caplog.at_level("WARNING", logger="finetune.recipe"):
+        resumed = train(v1_checkpoint, tmp_path, data_dir, steps=6, save_steps=2, resume=True)
+    assert resumed["resumed_from"] == str(checkpoints / "checkpoint-2") and resumed["steps"] == 6
+    assert "checkpoint-4 is incomplete (it lacks optimizer.pt" in caplog.text
+    assert "resuming from checkpoint-2" in caplog.text
+
+    for checkpoint in checkpoints.iterdir():
+        (checkpoint / "scheduler.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .* is complete \(checkpoint-6 lacks scheduler.pt\)"):
+        train(v1_checkpoint, tmp_path, data_dir, steps=8, resume=True)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-6 lacks scheduler.pt: resuming would silently restart"):
+        train(v1_checkpoint, tmp_path, data_dir, steps=8, resume=str(checkpoints / "checkpoint-6"))
+    (checkpoints / "checkpoint-6" / "scheduler.pt").write_bytes(b"")
+    (checkpoints / "checkpoint-6" / "trainer_state.json").write_text("{truncated")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-6 lacks a readable trainer_state.json"):
+        train(v1_checkpoint, tmp_path, data_dir, steps=8, resume=str(checkpoints / "checkpoint-6"))
+
+
+def test_resume_with_another_model_or_mode_is_refused(v1_checkpoint, v2_checkpoint, data_dir, tmp_path):
+    train(v1_checkpoint, tmp_path, data_dir, steps=2, save_steps=2, mode="full")
+    with pytest.raises(ValueError, match=r"differs from this command \(model: the run has '.*', this command '.*'\)"):
+        train(v2_checkpoint, tmp_path, data_dir, steps=4, resume=True, mode="full")
+    with pytest.raises(ValueError, match=r"mode: the run has 'full', this command 'lora'"):
+        train(v1_checkpoint, tmp_path, data_dir, steps=4, resume=True, mode="lora")
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS_DIR).iterdir()) == ["checkpoint-2"]
+
+
+def test_sigterm_stops_a_run_saying_which_checkpoint_to_resume(v2_checkpoint, data_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "finetune", "--lora", "--model", str(v2_checkpoint), "--data", str(data_dir),
+               "--output", str(output), "--steps", "5000", "--save-steps", "1", "--block-size", "32",
+               "--batch-size", "2", "--eval-fraction", "0.3", "--eval-tokens", "64"]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while not list((output / CHECKPOINTS_DIR).glob("checkpoint-*/trainer_state.json")):
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-3000:]
+    said = next(line for line in err.splitlines() if "interrupted at step" in line)
+    assert "is the newest complete checkpoint; continue with --resume" in said, said
+    kept = Path(said.split(": ", 2)[2].split(" is the newest")[0])
+    assert kept.parent == output / CHECKPOINTS_DIR and (kept / "optimizer.pt").is_file()
 
 
 def test_an_earlier_run_is_continued_or_replaced_only_when_asked(v2_checkpoint, data_dir, tmp_path):
