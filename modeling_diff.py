@@ -241,7 +241,9 @@ class DiffLlamaAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         batch, seq_len, maps, width = query.shape
         shared_mask = attention_mask is None or attention_mask.shape[1] == 1
-        if seq_len == 1 and self.config._attn_implementation == "sdpa" and shared_mask:
+        # (not under torch.export: its decomposition of SDPA returns strides this view cannot take)
+        one_token = seq_len == 1 and not torch.compiler.is_exporting()
+        if one_token and self.config._attn_implementation == "sdpa" and shared_mask:
             # One new token: the query maps of each KV group become that group's query rows, (B, h_kv, 2h/h_kv, w).
             # transformers would run SDPA with enable_gqa here, about 3× (fp32) to 10× (bf16) slower on CPU.
             rows = query.view(batch, key.shape[1], -1, width)
