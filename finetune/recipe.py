@@ -6,6 +6,7 @@ converted model and its source are trained and measured the same way.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -149,6 +150,15 @@ def _resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
         logger.warning(f"{skipped.name} is incomplete (it lacks {', '.join(_missing_state(skipped))}, as when a run "
                        f"is killed while saving): resuming from {complete.name}")
     return str(complete)
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error` is a write that failed for lack of space: an OSError, or torch.save's RuntimeError (its zip
+    writer reports a short write as "unexpected pos ...")."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return "unexpected pos" in text or "No space left" in text or "file write failed" in text
 
 
 def _check_resumed_run(output: Path, facts: dict) -> None:
@@ -562,6 +572,20 @@ def finetune(
                 f"interrupted at step {trainer.state.global_step}, before a complete checkpoint: start again with "
                 "--overwrite"
             ) from None
+        except (OSError, RuntimeError) as error:
+            if not _disk_full(error):
+                raise
+            partial = checkpoints / f"checkpoint-{trainer.state.global_step}"
+            if partial.is_dir() and partial != newest_complete_checkpoint(checkpoints) and main_process:
+                shutil.rmtree(partial, ignore_errors=True)  # the checkpoint being written when the disk filled
+            kept = newest_complete_checkpoint(checkpoints)
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the disk of {output} while saving step {trainer.state.global_step}'s checkpoint "
+                f"(the partial one was removed); free space, then continue from {kept} with --resume" if kept else
+                f"no space left on the disk of {output} while saving the first checkpoint (the partial one was "
+                "removed); free space and start again with --overwrite",
+            ) from error
         since = phase_done("training", since)
         after = held_out()
         report(after, f"after {trainer.state.global_step} steps")

@@ -385,3 +385,27 @@ def test_help_shows_the_defaults():
     for option, default in (("--steps", 200), ("--block-size", 512), ("--batch-size", 8), ("--lora-r", 16)):
         entry = " ".join(text.split(option + " ", 2)[2].split("\n  --", 1)[0].split())  # wrapped lines joined
         assert f"(default: {default})" in entry, option
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_the_last_complete_checkpoint_kept(v1_checkpoint, data_dir,
+                                                                                        tmp_path, monkeypatch):
+    saves = []
+    real_save = torch.save
+
+    def fills_the_disk(obj, f, *args, **kwargs):  # torch.save's own message for a short write
+        if str(f).endswith("optimizer.pt"):
+            saves.append(f)
+            if len(saves) == 2:
+                Path(f).write_bytes(b"PK\x03\x04 truncated")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6528 vs 6416")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    checkpoints = tmp_path / CHECKPOINTS_DIR
+    with pytest.raises(OSError, match=rf"no space left .* while saving step 4's checkpoint \(the partial one was "
+                                      rf"removed\); free space, then continue from {checkpoints / 'checkpoint-2'}"):
+        train(v1_checkpoint, tmp_path, data_dir, steps=6, save_steps=2)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"]
+    monkeypatch.setattr(torch, "save", real_save)
+    resumed = train(v1_checkpoint, tmp_path, data_dir, steps=6, save_steps=2, resume=True)
+    assert resumed["resumed_from"] == str(checkpoints / "checkpoint-2") and resumed["steps"] == 6
