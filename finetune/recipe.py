@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -40,7 +41,10 @@ METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
 MERGED_DIR = "merged"
 # How `finetune` recognises its own earlier output: the Trainer's checkpoints count as its own as they are written.
-RUN_MANIFEST = Manifest("finetune_run.json", "diffllama finetune", also_ours=rf"{CHECKPOINTS_DIR}/checkpoint-\d+/.+")
+# Where the final model (and the merged one) is written before it is moved into the output, its files recorded first.
+STAGING_DIR = ".saving"
+RUN_MANIFEST = Manifest("finetune_run.json", "diffllama finetune",
+                        also_ours=rf"({CHECKPOINTS_DIR}/checkpoint-\d+|{re.escape(STAGING_DIR)})/.+")
 # Where a replacement run (`overwrite`) is built, beside the output; the same name in every process of a run.
 REPLACEMENT_MARK = ".finetune-replacement"
 # The files a Trainer checkpoint must hold to continue a run where it stopped (trainer_state.json included).
@@ -593,13 +597,24 @@ def finetune(
 
         # Through the Trainer: it gathers FSDP-sharded weights first, and only the main process writes. A LoRA PeftModel
         # writes its adapter, a full model its weights and config; the tokenizer is the Trainer's processing_class.
-        trainer.save_model(str(output))
+        # Written to a staging folder the manifest claims, then recorded and moved up: a run killed at any point of
+        # its save leaves only files the manifest covers, so --resume and --overwrite still accept the folder.
+        staging = output / STAGING_DIR
+        trainer.save_model(str(staging))
         if merge and main_process:
             merged = trained.merge_and_unload()
             _drop_foreign_code(merged.config)
-            merged.save_pretrained(output / MERGED_DIR)
-            tokenizer.save_pretrained(output / MERGED_DIR)
-            logger.info(f"wrote the merged model (adapter folded into the weights) to {final_output / MERGED_DIR}")
+            merged.save_pretrained(staging / MERGED_DIR)
+            tokenizer.save_pretrained(staging / MERGED_DIR)
+        if main_process:
+            saved = files_under(staging)
+            RUN_MANIFEST.write(output, facts, files=[*saved, METRICS_FILE, "README.md"])
+            for name in saved:
+                (output / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / name, output / name)
+            shutil.rmtree(staging)
+            if merge:
+                logger.info(f"wrote the merged model (adapter folded into the weights) to {final_output / MERGED_DIR}")
         since = phase_done("saving", since)
 
         metrics = {

@@ -409,3 +409,22 @@ def test_a_full_disk_while_checkpointing_is_named_and_the_last_complete_checkpoi
     monkeypatch.setattr(torch, "save", real_save)
     resumed = train(v1_checkpoint, tmp_path, data_dir, steps=6, save_steps=2, resume=True)
     assert resumed["resumed_from"] == str(checkpoints / "checkpoint-2") and resumed["steps"] == 6
+
+
+def test_a_run_stopped_while_saving_leaves_a_folder_resume_and_overwrite_accept(v2_checkpoint, data_dir, tmp_path,
+                                                                                 monkeypatch):
+    """The final save goes through a staging folder the manifest claims, so a stop in the middle of it (here while
+    writing the merged model, after the adapter) leaves nothing that reads as the user's."""
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modeling_diff.DiffLlamaForCausalLM, "save_pretrained", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(v2_checkpoint, tmp_path / "run", data_dir, steps=2, save_steps=2, mode="lora", merge=True)
+    assert (tmp_path / "run" / ".saving" / "adapter_model.safetensors").is_file()
+    monkeypatch.undo()
+    resumed = train(v2_checkpoint, tmp_path / "run", data_dir, steps=2, save_steps=2, mode="lora", merge=True,
+                    resume=True)
+    assert resumed["steps"] == 2 and (tmp_path / "run" / "merged" / "config.json").is_file()
+    assert not (tmp_path / "run" / ".saving").exists()
+    train(v2_checkpoint, tmp_path / "run", data_dir, steps=2, mode="lora", overwrite=True)
