@@ -143,7 +143,7 @@ import modeling_diff
 from configuration_diff import DiffLlamaConfig
 from conftest import free_port, run_launcher
 from finetune.data import build_corpus
-from finetune.recipe import CHECKPOINTS_DIR, METRICS_FILE, held_out_loss
+from finetune.recipe import CHECKPOINTS_DIR, METRICS_FILE, STAGING_DIR, held_out_loss
 
 # The recipe tests' corpus, tokenizer and tiny version-1 checkpoint: their module-scoped fixtures, reused here.
 data_dir, tokenizer, v1_checkpoint = test_trainer.data_dir, test_trainer.tokenizer, test_trainer.v1_checkpoint
@@ -235,7 +235,9 @@ def test_two_processes_train_save_and_reload(strategy, runs, v1_checkpoint, data
     assert metrics["loss_curve"][0]["learning_rate"] > 0  # the first step trains
 
     # Rank 0 writes the model, checkpoints and metrics; rank 1 only its own RNG state (for an exact resume).
-    assert {"model.safetensors", "config.json", METRICS_FILE} <= set(ranks[0]["writes"])
+    # (the final model through the staging folder the run manifest claims, then moved up)
+    assert {f"{STAGING_DIR}/model.safetensors", f"{STAGING_DIR}/config.json", METRICS_FILE} <= set(ranks[0]["writes"])
+    assert (output / "model.safetensors").is_file() and not (output / STAGING_DIR).exists()
     assert f"{CHECKPOINTS_DIR}/checkpoint-{STEPS}/model.safetensors" in ranks[0]["writes"]
     assert [path for path in ranks[1]["writes"] if not path.endswith("/rng_state_1.pth")] == []
 
