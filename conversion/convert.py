@@ -1,6 +1,5 @@
 """Convert a Llama-family checkpoint into a DiffLlama checkpoint: plan on meta tensors, stream, rename into place."""
 
-import errno
 import json
 import os
 import re
@@ -165,7 +164,7 @@ def convert(
         except BaseException as error:
             writer.abort()
             shutil.rmtree(temp, ignore_errors=True)
-            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            if isinstance(error, OSError) and outputs.disk_full(error):
                 raise ConversionError(
                     f"no space left to write {output} ({error.strerror}); nothing was written and the source is "
                     "untouched: free space on that disk or choose another OUTPUT."

@@ -8,7 +8,7 @@ renames; whatever interrupts it, the old output is restored or the new one is in
 a kill, at the start of the next conversion into the same folder.
 """
 
-import atexit
+import errno
 import json
 import os
 import re
@@ -170,15 +170,11 @@ def recover(output: Path) -> None:
 def _running(folder: Path) -> bool:
     """Whether the conversion that made `folder` (its name ends with the process id) is still running."""
     pid = folder.name.rsplit("-", 1)[-1]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))
+
+
+def disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def move_into_place(temp: Path, output: Path, *, manifest: Manifest = CONVERSION, replace: bool = True) -> None:
@@ -222,8 +218,8 @@ def _lock_file(output: Path) -> Path:
 
 
 def claim(output: Path, tool: str) -> None:
-    """Hold `output` for this process until `release` (or its exit): a second run writing the same output, of any
-    of our tools, is refused, naming the process that holds it. A lock left by a process that is gone (killed) or
+    """Hold `output` for this process until `release` (callers release in a `finally`): a second run writing the
+    same output, of any of our tools, is refused, naming the process that holds it. A lock left by a process that is gone (killed) or
     by this one (an earlier call that failed) is taken over. `output`'s parent folder must exist."""
     lock = _lock_file(output)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "tool": tool, "since": time.strftime("%H:%M:%S"),
@@ -249,7 +245,6 @@ def claim(output: Path, tool: str) -> None:
             continue
         with os.fdopen(descriptor, "w") as file:
             json.dump(record, file)
-        atexit.register(release, output)
         return
     raise ConversionError(f"could not lock {output}: another run keeps taking {lock}; try again")
 

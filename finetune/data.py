@@ -43,10 +43,23 @@ def python_files(root: str | Path) -> list[Path]:
     return files
 
 
-def _split_key(path: Path, root: Path) -> float:
-    """A number in [0, 1) fixed by the file's relative path (its POSIX form, so Windows agrees)."""
-    digest = hashlib.sha256(path.relative_to(root).as_posix().encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+def hash_fraction(text: str) -> float:
+    """A number in [0, 1) fixed by `text`: the same on every machine."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def split_by_key(items: list, keys: list[float], eval_fraction: float) -> tuple[list, list]:
+    """(train, held-out): the items whose key is below `eval_fraction` held out, each side non-empty, both in key
+    order (a fixed shuffle)."""
+    keyed = sorted(zip(keys, range(len(items))))
+    held_out = [items[i] for key, i in keyed if key < eval_fraction]
+    train = [items[i] for key, i in keyed if key >= eval_fraction]
+    # Small sets can land on one side entirely; the lowest-keyed item is the deterministic one to move.
+    if not held_out:
+        held_out, train = train[:1], train[1:]
+    elif not train:
+        held_out, train = held_out[:-1], held_out[-1:]
+    return train, held_out
 
 
 def split_files(files: list[Path], *, root: str | Path, eval_fraction: float) -> tuple[list[Path], list[Path]]:
@@ -60,15 +73,8 @@ def split_files(files: list[Path], *, root: str | Path, eval_fraction: float) ->
     if len(files) < 2:
         raise ValueError(f"need at least 2 .py files to hold one out, found {len(files)}")
     root = Path(root)
-    keyed = sorted((_split_key(path, root), path) for path in files)
-    held_out = [path for key, path in keyed if key < eval_fraction]
-    train = [path for key, path in keyed if key >= eval_fraction]
-    # Small folders can land on one side entirely; the lowest-keyed file is the deterministic one to move.
-    if not held_out:
-        held_out, train = train[:1], train[1:]
-    elif not train:
-        held_out, train = held_out[:-1], held_out[-1:]
-    return train, held_out
+    # A file's key is its relative path's hash (its POSIX form, so Windows agrees).
+    return split_by_key(files, [hash_fraction(path.relative_to(root).as_posix()) for path in files], eval_fraction)
 
 
 def tokenize_files(

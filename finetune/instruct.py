@@ -17,12 +17,13 @@ others.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers.utils import logging
+
+from .data import hash_fraction, split_by_key
 
 logger = logging.get_logger(__name__)
 
@@ -108,11 +109,6 @@ def trl_trainer(*, dpo: bool, schedule: type) -> tuple[type, type]:
     return type(f"Recipe{trainer.__name__}", (schedule, trainer), {}), config
 
 
-def _row_key(row: dict) -> float:
-    digest = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
 @dataclass
 class InstructionData:
     """Training and held-out rows in one of TRL's formats, and the kind of data they came as."""
@@ -146,13 +142,9 @@ def build_instruction_data(
     if held_out is None:
         if len(train) < 2:
             raise ValueError(f"dataset {data} has {len(train)} row; at least 2 are needed to hold one out")
-        keys = [_row_key(row) for row in train]
-        order = sorted(range(len(keys)), key=keys.__getitem__)  # a fixed shuffle, as split_files does for files
-        held = [i for i in order if keys[i] < eval_fraction]
-        # Small datasets can land on one side entirely; the lowest-keyed row is the deterministic one to move.
-        held = held[:-1] if len(held) == len(order) else held or order[:1]
-        kept = set(held)
-        train, held_out = train.select([i for i in order if i not in kept]), train.select(held)
+        keys = [hash_fraction(json.dumps(row, sort_keys=True, default=str)) for row in train]
+        kept, held = split_by_key(list(range(len(train))), keys, eval_fraction)
+        train, held_out = train.select(kept), train.select(held)
     held_out = held_out.select(range(min(len(held_out), max_eval_examples)))
     if kind == "messages":
         train, held_out = (rows.map(last_turn_as_completion, remove_columns=rows.column_names)

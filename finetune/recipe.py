@@ -114,13 +114,14 @@ def _missing_state(checkpoint: Path) -> list[str]:
 
 
 def _checkpoints_newest_first(checkpoints: Path) -> list[Path]:
+    if not checkpoints.is_dir():
+        return []
     found = [path for path in checkpoints.glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
     return sorted(found, key=lambda path: int(path.name[11:]), reverse=True)
 
 
 def newest_complete_checkpoint(checkpoints: Path) -> Path | None:
-    return next((path for path in _checkpoints_newest_first(checkpoints) if not _missing_state(path)), None) \
-        if checkpoints.is_dir() else None
+    return next((path for path in _checkpoints_newest_first(checkpoints) if not _missing_state(path)), None)
 
 
 def _resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
@@ -141,17 +142,18 @@ def _resume_checkpoint(resume: bool | str, checkpoints: Path) -> str | None:
                 f"learning-rate schedule; {instead}start a new run"
             )
         return str(resume)
-    newest = _checkpoints_newest_first(checkpoints) if checkpoints.is_dir() else []
+    newest = _checkpoints_newest_first(checkpoints)
     if not newest:
         raise FileNotFoundError(f"nothing to resume: no checkpoint-* folder in {checkpoints}")
-    complete = newest_complete_checkpoint(checkpoints)
+    missing = {path: _missing_state(path) for path in newest}
+    complete = next((path for path in newest if not missing[path]), None)
     if complete is None:
         raise FileNotFoundError(
             f"nothing to resume: no checkpoint in {checkpoints} is complete ({newest[0].name} lacks "
-            f"{', '.join(_missing_state(newest[0]))}); start a new run with --overwrite"
+            f"{', '.join(missing[newest[0]])}); start a new run with --overwrite"
         )
     for skipped in newest[: newest.index(complete)]:
-        logger.warning(f"{skipped.name} is incomplete (it lacks {', '.join(_missing_state(skipped))}, as when a run "
+        logger.warning(f"{skipped.name} is incomplete (it lacks {', '.join(missing[skipped])}, as when a run "
                        f"is killed while saving): resuming from {complete.name}")
     return str(complete)
 
@@ -160,7 +162,7 @@ def _disk_full(error: BaseException) -> bool:
     """Whether `error` is a write that failed for lack of space: an OSError, or torch.save's RuntimeError (its zip
     writer reports a short write as "unexpected pos ...")."""
     if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+        return outputs.disk_full(error)
     text = str(error)
     return "unexpected pos" in text or "No space left" in text or "file write failed" in text
 
