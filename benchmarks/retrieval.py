@@ -33,6 +33,7 @@ of every run to `cache/` (not committed), which `probes.py` reads.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import statistics
@@ -74,8 +75,9 @@ class Example:
     queries: list[tuple[int, int]] = field(default_factory=list)  # (position of the query's k3, record index)
 
 
-def make_example(rng: random.Random, length: int, distractors: int) -> Example:
-    """BOS, `length` context tokens with 1 + `distractors` records, then up to eight queries of distinct records."""
+def make_example(rng: random.Random, length: int, distractors: int, queries: int = MAX_QUERIES) -> Example:
+    """BOS, `length` context tokens with 1 + `distractors` records, then up to `queries` queries of distinct
+    records."""
     if distractors > max_distractors(length):
         raise ValueError(f"{distractors} distractors do not fit in a context of {length} tokens "
                          f"(at most {max_distractors(length)})")
@@ -99,7 +101,7 @@ def make_example(rng: random.Random, length: int, distractors: int) -> Example:
         previous = cut
     tokens += [rng.choice(FILLER) for _ in range(filler - previous)]
     example = Example(tokens, records)
-    for index in rng.sample(range(len(keys)), min(MAX_QUERIES, len(keys))):
+    for index in rng.sample(range(len(keys)), min(queries, len(keys))):
         example.tokens += [QUERY] + records[index][1]
         example.queries.append((len(example.tokens) - 1, index))
         example.tokens += records[index][2] + [END]
@@ -119,13 +121,14 @@ def collate(examples: list[Example]) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def training_batches(*, seed: int, batch_size: int, lengths: list[int], distractors: list[int]):
+def training_batches(*, seed: int, batch_size: int, lengths: list[int], distractors: list[int],
+                     queries: int = MAX_QUERIES):
     rng = random.Random(seed)
 
     def batch(step: int) -> dict:
         length = rng.choice(lengths)
         fits = [d for d in distractors if d <= max_distractors(length)]
-        return collate([make_example(rng, length, rng.choice(fits)) for _ in range(batch_size)])
+        return collate([make_example(rng, length, rng.choice(fits), queries) for _ in range(batch_size)])
 
     return batch
 
@@ -134,9 +137,9 @@ def eval_cells(lengths: list[int], distractors: list[int]) -> list[tuple[int, in
     return [(length, d) for length in lengths for d in distractors if d <= max_distractors(length)]
 
 
-def eval_set(cells: list[tuple[int, int]], per_cell: int, seed: int = 12345) -> dict:
+def eval_set(cells: list[tuple[int, int]], per_cell: int, queries: int = MAX_QUERIES, seed: int = 12345) -> dict:
     """The fixed evaluation examples of each cell (independent of the run's seed)."""
-    return {cell: [make_example(random.Random(f"{seed}/{cell}/{i}"), *cell) for i in range(per_cell)]
+    return {cell: [make_example(random.Random(f"{seed}/{cell}/{i}"), *cell, queries) for i in range(per_cell)]
             for cell in cells}
 
 
@@ -170,10 +173,10 @@ def run(task: dict) -> dict:
         return lab.model_config(kind, shape, vocab_size=VOCAB_SIZE, max_positions=task["max_positions"], **overrides)
 
     cells = eval_cells(task["lengths"], task["eval_distractors"])
-    examples = eval_set(cells, task["eval_examples"])
+    examples = eval_set(cells, task["eval_examples"], task["queries"])
     probe = [example for cell in cells for example in examples[cell][: task["probe_examples"]]]
     stream = dict(seed=task["seed"], batch_size=task["batch_size"], lengths=task["lengths"],
-                  distractors=task["distractors"])
+                  distractors=task["distractors"], queries=task["queries"])
     first = training_batches(**stream)(1)["input_ids"].to(task["device"])  # a stream of its own: the same first batch
     model, _ = lab.build_kind(task["kind"], config_for, first, seed=task["seed"], device=task["device"])
     batches = training_batches(**stream)
@@ -198,13 +201,41 @@ def planner(settings: dict, results: lab.Results, base_task: dict, cache: Path):
 
     def plan():
         first = settings["seeds"][0]
-        pending = [task(kind, lr, first) for kind in settings["models"] for lr in settings["lrs"]]
-        chosen = {kind: best_lr(results.runs, kind, settings["lrs"], first) for kind in settings["models"]}
+        pending = [task(kind, lr, first) for kind in settings["models"] for lr in sweep(settings, results.runs, kind)]
+        chosen = {kind: best_lr(results.runs, kind, sweep(settings, results.runs, kind), first)
+                  for kind in settings["models"]}
         pending += [task(kind, lr, seed) for seed in settings["seeds"][1:] for kind, lr in chosen.items()
                     if lr is not None]
         return [(key, job) for key, job in pending if key not in results]
 
     return plan
+
+
+def lr_grid(settings: dict, runs: dict) -> list[float]:
+    """The rates every model is swept over on the first seed: `--lrs`, grown by a factor of 2 at an end, for every
+    model alike, while some model's best rate sits at that end (at most `--grow` times an end)."""
+    grid, first = sorted(settings["lrs"]), settings["seeds"][0]
+    swept = [kind for kind in settings["models"] if kind not in settings["lr_from"]]
+    if len(grid) < 2 or not swept:  # one rate is a choice, not a sweep
+        return grid
+    grown = {"low": 0, "high": 0}
+    while True:
+        best = [best_lr(runs, kind, grid, first) for kind in swept]
+        if None in best:
+            return grid
+        if min(best) == grid[0] and grown["low"] < settings["grow"]:
+            grown["low"] += 1
+            grid.insert(0, grid[0] / 2)
+        elif max(best) == grid[-1] and grown["high"] < settings["grow"]:
+            grown["high"] += 1
+            grid.append(grid[-1] * 2)
+        else:
+            return grid
+
+
+def sweep(settings: dict, runs: dict, kind: str) -> list[float]:
+    """`kind`'s rates on the first seed: the grid, or the one rate `--lr-from` chose for it."""
+    return [settings["lr_from"][kind]] if kind in settings["lr_from"] else lr_grid(settings, runs)
 
 
 def best_lr(runs: dict, kind: str, lrs: list[float], seed: int) -> float | None:
@@ -219,16 +250,17 @@ def best_lr(runs: dict, kind: str, lrs: list[float], seed: int) -> float | None:
 def summarise(settings: dict, runs: dict) -> dict:
     models, first = {}, settings["seeds"][0]
     for kind in settings["models"]:
-        sweep = {lr: runs[key]["accuracy"] for lr in settings["lrs"] if (key := run_key(kind, lr, first)) in runs}
-        lr = best_lr(runs, kind, settings["lrs"], first)
+        rates = sweep(settings, runs, kind)
+        swept = {lr: runs[key]["accuracy"] for lr in rates if (key := run_key(kind, lr, first)) in runs}
+        lr = best_lr(runs, kind, rates, first)
         if lr is None:
-            models[kind] = {"sweep": sweep}
+            models[kind] = {"sweep": swept}
             continue
         chosen = {seed: runs[key] for seed in settings["seeds"] if (key := run_key(kind, lr, seed)) in runs}
         cells = {cell: lab.mean_std([run["grid"][cell]["accuracy"] for run in chosen.values()])
                  for cell in next(iter(chosen.values()))["grid"]}
         models[kind] = {
-            "sweep": sweep, "best_lr": lr, "accuracy_by_seed": {s: r["accuracy"] for s, r in chosen.items()},
+            "sweep": swept, "best_lr": lr, "accuracy_by_seed": {s: r["accuracy"] for s, r in chosen.items()},
             "accuracy_mean": lab.mean_std([r["accuracy"] for r in chosen.values()])[0],
             "accuracy_std": lab.mean_std([r["accuracy"] for r in chosen.values()])[1],
             "distractor_errors_mean": statistics.fmean(
@@ -243,26 +275,29 @@ def summarise(settings: dict, runs: dict) -> dict:
             errors = {kind: {seed: 1 - a for seed, a in models[kind]["accuracy_by_seed"].items()}
                       for kind in (model, reference)}
             comparisons[f"{model} vs {reference}"] = lab.paired(errors[model], errors[reference])
-    return {"models": models, "comparisons": comparisons}
+    return {"lr_grid": lr_grid(settings, runs), "models": models, "comparisons": comparisons}
 
 
 def write_report(results: lab.Results, out: Path) -> None:
     settings = results.data["settings"]
     summary = summarise(settings, results.runs)
     results.put("summary", summary)
-    s = settings
+    s, grid = settings, summary["lr_grid"]
+    rates = (f"learning rates {', '.join(f'{lr:g}' for lr in grid)} swept on seed {s['seeds'][0]}, seeds "
+             f"{', '.join(map(str, s['seeds'][1:]))} at each model's best" if not s["lr_from"] else
+             f"each model at the best rate of {s['lr_from_file']} ({', '.join(f'{k} {v:g}' for k, v in s['lr_from'].items())})")
     lines = [
         f"Retrieval among distractors from scratch: {s['size']} (hidden × layers × Llama heads), {s['steps']} steps "
         f"of {s['batch_size']} sequences, context lengths {', '.join(map(str, s['lengths']))}, "
-        f"{', '.join(map(str, s['distractors']))} distractors sharing a key prefix; learning rates "
-        f"{', '.join(f'{lr:g}' for lr in s['lrs'])} on seed {s['seeds'][0]}, seeds "
-        f"{', '.join(map(str, s['seeds'][1:]))} at each model's best; {s['eval_examples']} fixed evaluation "
-        "sequences per cell (up to 4 queries each), accuracy = both value tokens right.", "",
+        f"{', '.join(map(str, s['distractors']))} distractors sharing a key prefix; {rates}; seeds "
+        f"{', '.join(map(str, s['seeds']))}; {s['eval_examples']} fixed evaluation sequences per cell (up to "
+        f"{s['queries']} queries each), accuracy = both value tokens right.", "",
         lab.markdown_table(
-            ["model", "non-embedding parameters", "accuracy by lr (seed 0)", "best lr", "seeds",
+            ["model", "non-embedding parameters", f"accuracy by lr (seed {s['seeds'][0]})", "best lr", "seeds",
              "accuracy (mean ± std over seeds, all cells)", "answers that are a distractor's value"],
             [[kind, f"{m['parameters']['non_embedding']:,}" if "parameters" in m else "–",
-              " / ".join(f"{m['sweep'][lr]:.3f}" if lr in m["sweep"] else "–" for lr in s["lrs"]),
+              " / ".join(f"{m['sweep'][lr]:.3f}" if lr in m["sweep"] else "–"
+                         for lr in (grid if kind not in s["lr_from"] else [s["lr_from"][kind]])),
               f"{m['best_lr']:g}" if "best_lr" in m else "–", len(m.get("accuracy_by_seed", {})),
               f"{m['accuracy_mean']:.3f} ± {m['accuracy_std']:.3f}" if "best_lr" in m else "–",
               f"{m['distractor_errors_mean']:.3f}" if "best_lr" in m else "–"]
@@ -312,14 +347,34 @@ def plot(summary: dict, settings: dict, out: Path) -> None:
     plt.close(figure)
 
 
+def rates_from(parser, path: Path | None, models: list[str]) -> dict[str, float]:
+    """{model: best rate} of another run of this experiment (`--lr-from`), for every model of this one."""
+    if path is None:
+        return {}
+    try:
+        chosen = json.loads(path.read_text())["summary"]["models"]
+    except (OSError, ValueError, KeyError) as error:
+        parser.error(f"--lr-from {path}: not a retrieval results.json with a summary ({error})")
+    missing = [kind for kind in models if "best_lr" not in chosen.get(kind, {})]
+    if missing:
+        parser.error(f"--lr-from {path}: no best rate for {', '.join(missing)} (its sweep has not finished for "
+                     "them); run it first, or leave them out of --models")
+    return {kind: chosen[kind]["best_lr"] for kind in models}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--size", default="128x2x8", help="HIDDENxLAYERSxHEADS")
-    parser.add_argument("--models", nargs="+", choices=MODELS + CONTROLS, default=list(MODELS),
-                        help=f"models to train; the controls {', '.join(CONTROLS)} (lab.CONTROLS) when named")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-3],
-                        help="swept on the first seed (default: one rate for every model, the Llama pilot's)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the first one sweeps")
+    parser.add_argument("--models", nargs="+", choices=MODELS + CONTROLS, default=list(MODELS + CONTROLS),
+                        help=f"models to train (the controls {', '.join(CONTROLS)} are lab.CONTROLS)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3],
+                        help="swept on the first seed for every model; one rate is used as it is")
+    parser.add_argument("--grow", type=int, default=2,
+                        help="times the sweep may grow by 2x at each end, for every model, while a best rate sits "
+                             "at that end")
+    parser.add_argument("--lr-from", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="no sweep: each model at its best rate in another retrieval results.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the first one sweeps")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -327,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distractors", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="distractor counts training draws from")
     parser.add_argument("--eval-distractors", type=int, nargs="+", default=[0, 2, 4, 8])
+    parser.add_argument("--queries", type=int, default=MAX_QUERIES,
+                        help="records queried per sequence (at most; each a different record)")
     parser.add_argument("--eval-examples", type=int, default=200, help="fixed sequences per evaluation cell")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--probe-examples", type=int, default=20, help="per cell, for the curve during training")
@@ -335,18 +392,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size, args.lrs, args.seeds, args.steps, args.warmup, args.eval_every = "64x2x4", [1e-3, 3e-3], [0, 1], 4, 1, 2
         args.lengths, args.distractors, args.eval_distractors = [32, 64], [1, 2], [0, 2]
-        args.eval_examples, args.probe_examples, args.batch_size = 8, 2, 4
+        args.eval_examples, args.probe_examples, args.batch_size, args.grow = 8, 2, 4, 0
     args.size = str(lab.Shape.parse(args.size))
+    args.lr_from_file, args.lr_from = args.lr_from and str(args.lr_from), rates_from(parser, args.lr_from, args.models)
     out = lab.setup(args, out=OUT)
     settings = {name: getattr(args, name) for name in (
         "size", "models", "lrs", "seeds", "steps", "warmup", "batch_size", "lengths", "distractors",
-        "eval_distractors", "eval_examples", "eval_every", "probe_examples", "device", "quick")}
-    results = lab.Results(out / "results.json", settings, fresh=args.fresh, selects=("models", "seeds"))
+        "eval_distractors", "queries", "eval_examples", "eval_every", "probe_examples", "device", "quick", "grow",
+        "lr_from", "lr_from_file")}
+    results = lab.Results(out / "results.json", settings, fresh=args.fresh,
+                          selects=("models", "seeds", "lrs", "grow", "lr_from_file"))
     results.put("environment", lab.environment())
-    longest = max(args.lengths) + 1 + MAX_QUERIES * (RECORD + 1)
+    longest = max(args.lengths) + 1 + args.queries * (RECORD + 1)
     base_task = {name: getattr(args, name) for name in (
-        "size", "steps", "warmup", "batch_size", "lengths", "distractors", "eval_distractors", "eval_examples",
-        "eval_every", "probe_examples", "device")}
+        "size", "steps", "warmup", "batch_size", "lengths", "distractors", "eval_distractors", "queries",
+        "eval_examples", "eval_every", "probe_examples", "device")}
     base_task["max_positions"] = longest
     started = time.perf_counter()
     lab.execute(planner(settings, results, base_task, out / "cache"), run, results, jobs=args.jobs,
