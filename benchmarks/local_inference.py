@@ -8,12 +8,14 @@ folders `benchmarks/serving.py` makes), each run five ways at batch 1:
 - `torch-int4`: torchao's int4 weights with int8 dynamic activations (`Int8DynamicActivationIntxWeightConfig`, groups
   of 32): torchao 0.18 has no int4 weight-only kernel for CPUs (its formats need CUDA or the `mslk` package);
 - `onnx`: the `python -m diffllama_onnx` export on onnxruntime, fp32 (`OnnxCausalLM`);
-- `onnx-int8`: the same graph through onnxruntime's dynamic int8 quantiser.
+- `onnx-int8`: the same graph through onnxruntime's dynamic int8 quantiser;
+- `executorch`: the `python -m diffllama_executorch` program (XNNPACK, fp32) in the ExecuTorch runtime
+  (`ExecuTorchCausalLM`).
 
 Decode tokens/s is N greedy tokens after a P-token prompt, the fastest of `--repeats` runs (prefill excluded);
 perplexity is over the held-out standard-library files the code recipe holds out, in blocks. Ratios divide each
 model's decode speed by the Llama's in the same runtime; the perplexity cost of a quantisation is its perplexity
-over the same model's fp32 one. ONNX Runtime's greedy tokens are also checked against `generate()`.
+over the same model's fp32 one. The exported runtimes' greedy tokens are also checked against `generate()`.
 
     python benchmarks/local_inference.py                  # this CPU: P 128, N 32, 4 blocks of 512 tokens
     python benchmarks/local_inference.py --quick --source DIR   # a smoke run on a small Llama folder
@@ -33,7 +35,7 @@ import lab
 
 OUT = lab.ROOT / "benchmarks" / "results" / "local_inference"
 MODELS = ("llama", "v2", "widened", "dex")
-RUNTIMES = ("torch", "torch-int8", "torch-int4", "onnx", "onnx-int8")
+RUNTIMES = ("torch", "torch-int8", "torch-int4", "onnx", "onnx-int8", "executorch")
 
 
 def held_out_blocks(tokenizer, *, blocks: int, block_size: int) -> torch.Tensor:
@@ -94,6 +96,23 @@ def measure_onnx(folder: Path, int8: bool, blocks: torch.Tensor, prompt: torch.T
         logits, _ = model.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], model.empty_cache(1))
         logits = torch.from_numpy(logits[0, :-1])
         losses.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(block[1:])).item())
+    return measure_generator(model, losses, prompt, new_tokens, repeats)
+
+
+def measure_executorch(folder: Path, blocks: torch.Tensor, prompt: torch.Tensor, new_tokens: int,
+                       repeats: int) -> dict:
+    from diffllama_executorch import ExecuTorchCausalLM
+
+    model = ExecuTorchCausalLM(folder)
+    losses = []
+    for block in blocks:
+        logits = torch.from_numpy(model.step(block.tolist(), 0)[:-1])
+        losses.append(torch.nn.functional.cross_entropy(logits, block[1:]).item())
+    return measure_generator(model, losses, prompt, new_tokens, repeats)
+
+
+def measure_generator(model, losses: list[float], prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """Perplexity from `losses`, and decode tokens/s of an exported model's `generate` (prefill subtracted)."""
     ids = prompt.tolist()
     model.generate(ids, max_new_tokens=2)  # warm-up
     prefills, totals = [], []
@@ -114,6 +133,15 @@ def onnx_folder(folder: Path, work: Path) -> Path:
     target = work / f"{folder.name}-onnx"
     if not (target / "onnx_layout.json").is_file():
         export(folder, target, int8=True)
+    return target
+
+
+def executorch_folder(folder: Path, work: Path, max_cache_len: int) -> Path:
+    from diffllama_executorch import export
+
+    target = work / f"{folder.name}-executorch"
+    if not (target / "executorch_layout.json").is_file():
+        export(folder, target, max_cache_len=max_cache_len)
     return target
 
 
@@ -177,7 +205,7 @@ def main(argv=None) -> int:
         raise SystemExit("this benchmark measures local CPU runtimes: --device cpu")
     out = lab.setup(args, out=OUT)
     if args.quick:
-        args.prompt, args.new_tokens, args.blocks, args.block_size, args.repeats = 16, 4, 1, 64, 1
+        args.prompt, args.new_tokens, args.blocks, args.block_size, args.repeats = 16, 16, 1, 64, 2
     from serving import OUT as SERVING_OUT, folders
     from transformers import AutoTokenizer
 
@@ -196,7 +224,11 @@ def main(argv=None) -> int:
             key = f"{name}/{runtime}"
             if key in results:
                 continue
-            if runtime.startswith("onnx"):
+            if runtime == "executorch":
+                room = max(args.block_size, args.prompt + args.new_tokens + 1)
+                record = measure_executorch(executorch_folder(folder, work, room), blocks, prompt, args.new_tokens,
+                                            args.repeats)
+            elif runtime.startswith("onnx"):
                 record = measure_onnx(onnx_folder(folder, work), runtime == "onnx-int8", blocks, prompt,
                                       args.new_tokens, args.repeats)
             else:

@@ -172,7 +172,7 @@ def run(task: dict) -> dict:
     def config_for(kind, **overrides):
         return lab.model_config(kind, shape, vocab_size=VOCAB_SIZE, max_positions=task["max_positions"], **overrides)
 
-    cells = eval_cells(task["lengths"], task["eval_distractors"])
+    cells = eval_cells(task["eval_lengths"] or task["lengths"], task["eval_distractors"])
     examples = eval_set(cells, task["eval_examples"], task["queries"])
     probe = [example for cell in cells for example in examples[cell][: task["probe_examples"]]]
     stream = dict(seed=task["seed"], batch_size=task["batch_size"], lengths=task["lengths"],
@@ -288,7 +288,8 @@ def write_report(results: lab.Results, out: Path) -> None:
              f"each model at the best rate of {s['lr_from_file']} ({', '.join(f'{k} {v:g}' for k, v in s['lr_from'].items())})")
     lines = [
         f"Retrieval among distractors from scratch: {s['size']} (hidden × layers × Llama heads), {s['steps']} steps "
-        f"of {s['batch_size']} sequences, context lengths {', '.join(map(str, s['lengths']))}, "
+        f"of {s['batch_size']} sequences, context lengths {', '.join(map(str, s['lengths']))}"
+        f"{' (evaluated at ' + ', '.join(map(str, s['eval_lengths'])) + ')' if s['eval_lengths'] else ''}, "
         f"{', '.join(map(str, s['distractors']))} distractors sharing a key prefix; {rates}; seeds "
         f"{', '.join(map(str, s['seeds']))}; {s['eval_examples']} fixed evaluation sequences per cell (up to "
         f"{s['queries']} queries each), accuracy = both value tokens right.", "",
@@ -379,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128], help="context lengths (tokens)")
+    parser.add_argument("--eval-lengths", type=int, nargs="+", default=None,
+                        help="context lengths of the evaluation cells (default: the training lengths)")
     parser.add_argument("--distractors", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="distractor counts training draws from")
     parser.add_argument("--eval-distractors", type=int, nargs="+", default=[0, 2, 4, 8])
@@ -397,15 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     args.lr_from_file, args.lr_from = args.lr_from and str(args.lr_from), rates_from(parser, args.lr_from, args.models)
     out = lab.setup(args, out=OUT)
     settings = {name: getattr(args, name) for name in (
-        "size", "models", "lrs", "seeds", "steps", "warmup", "batch_size", "lengths", "distractors",
+        "size", "models", "lrs", "seeds", "steps", "warmup", "batch_size", "lengths", "eval_lengths", "distractors",
         "eval_distractors", "queries", "eval_examples", "eval_every", "probe_examples", "device", "quick", "grow",
         "lr_from", "lr_from_file")}
     results = lab.Results(out / "results.json", settings, fresh=args.fresh,
                           selects=("models", "seeds", "lrs", "grow", "lr_from_file"))
     results.put("environment", lab.environment())
-    longest = max(args.lengths) + 1 + args.queries * (RECORD + 1)
+    longest = max(args.lengths + (args.eval_lengths or [])) + 1 + args.queries * (RECORD + 1)
     base_task = {name: getattr(args, name) for name in (
-        "size", "steps", "warmup", "batch_size", "lengths", "distractors", "eval_distractors", "queries",
+        "size", "steps", "warmup", "batch_size", "lengths", "eval_lengths", "distractors", "eval_distractors", "queries",
         "eval_examples", "eval_every", "probe_examples", "device")}
     base_task["max_positions"] = longest
     started = time.perf_counter()

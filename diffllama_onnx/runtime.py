@@ -84,7 +84,7 @@ class OnnxCausalLM:
         for _ in range(max_new_tokens):
             logits, cache = self.step(ids, mask, positions, cache)
             scores = logits[:, -1].astype(np.float64)
-            tokens = self._sample(scores, temperature, top_k, rng) if do_sample else scores.argmax(-1)
+            tokens = sample(scores, temperature, top_k, rng) if do_sample else scores.argmax(-1)
             for row, token in enumerate(tokens):
                 if not done[row]:
                     new[row].append(int(token))
@@ -96,12 +96,13 @@ class OnnxCausalLM:
             mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
         return new
 
-    @staticmethod
-    def _sample(scores: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> np.ndarray:
-        scores = scores / temperature
-        if top_k > 0:
-            kth = np.sort(scores, axis=-1)[:, -min(top_k, scores.shape[-1])][:, None]
-            scores = np.where(scores < kth, -np.inf, scores)
-        probabilities = np.exp(scores - scores.max(-1, keepdims=True))
-        probabilities /= probabilities.sum(-1, keepdims=True)
-        return np.array([rng.choice(len(p), p=p) for p in probabilities])
+
+def sample(scores: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> np.ndarray:
+    """One token a row of `scores` (rows, vocabulary), drawn at `temperature` from the `top_k` best (0: all)."""
+    scores = scores / temperature
+    if top_k > 0:
+        kth = np.sort(scores, axis=-1)[:, -min(top_k, scores.shape[-1])][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probabilities = np.exp(scores - scores.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probabilities])
