@@ -177,7 +177,11 @@ def run(task: dict) -> dict:
     stream = dict(seed=task["seed"], batch_size=task["batch_size"], lengths=task["lengths"],
                   distractors=task["distractors"], queries=task["queries"])
     first = training_batches(**stream)(1)["input_ids"].to(task["device"])  # a stream of its own: the same first batch
-    model, _ = lab.build_kind(task["kind"], config_for, first, seed=task["seed"], device=task["device"])
+    if task.get("start"):  # --extend: the model the shorter experiment trained, trained on from here
+        model, _ = lab.load_checkpoint(Path(task["start"]), device=task["device"])
+        model.train()
+    else:
+        model, _ = lab.build_kind(task["kind"], config_for, first, seed=task["seed"], device=task["device"])
     batches = training_batches(**stream)
     record = lab.train(model, batches, steps=task["steps"], lr=task["lr"], warmup=task["warmup"],
                        evaluate=lambda m: score(m, probe)["accuracy"],
@@ -195,8 +199,9 @@ def run(task: dict) -> dict:
 def planner(settings: dict, results: lab.Results, base_task: dict, cache: Path):
     def task(kind, lr, seed):
         key = run_key(kind, lr, seed)
-        checkpoint = cache / "checkpoints" / (key.replace("/", "_") + ".pt")
-        return key, {**base_task, "kind": kind, "lr": lr, "seed": seed, "checkpoint": str(checkpoint)}
+        start = str(checkpoint_file(Path(settings["lr_from_file"]).parent, key)) if settings["extend"] else None
+        return key, {**base_task, "kind": kind, "lr": lr, "seed": seed, "start": start,
+                     "checkpoint": str(checkpoint_file(cache.parent, key))}
 
     def plan():
         first = settings["seeds"][0]
@@ -208,6 +213,11 @@ def planner(settings: dict, results: lab.Results, base_task: dict, cache: Path):
         return [(key, job) for key, job in pending if key not in results]
 
     return plan
+
+
+def checkpoint_file(out: Path, key: str) -> Path:
+    """Where the experiment writing to `out` keeps the model of run `key`."""
+    return out / "cache" / "checkpoints" / (key.replace("/", "_") + ".pt")
 
 
 def lr_grid(settings: dict, runs: dict) -> list[float]:
@@ -286,7 +296,9 @@ def write_report(results: lab.Results, out: Path) -> None:
              f"{', '.join(map(str, s['seeds'][1:]))} at each model's best" if not s["lr_from"] else
              f"each model at the best rate of {s['lr_from_file']} ({', '.join(f'{k} {v:g}' for k, v in s['lr_from'].items())})")
     lines = [
-        f"Retrieval among distractors from scratch: {s['size']} (hidden × layers × Llama heads), {s['steps']} steps "
+        f"Retrieval among distractors, "
+        f"{'each model trained on from its run in ' + s['lr_from_file'] if s['extend'] else 'from scratch'}: "
+        f"{s['size']} (hidden × layers × Llama heads), {s['steps']} steps "
         f"of {s['batch_size']} sequences, context lengths {', '.join(map(str, s['lengths']))}"
         f"{' (evaluated at ' + ', '.join(map(str, s['eval_lengths'])) + ')' if s['eval_lengths'] else ''}, "
         f"{', '.join(map(str, s['distractors']))} distractors sharing a key prefix; {rates}; seeds "
@@ -362,6 +374,21 @@ def rates_from(parser, path: Path | None, models: list[str]) -> dict[str, float]
     return {kind: chosen[kind]["best_lr"] for kind in models}
 
 
+def check_extension(parser, args) -> None:
+    """--extend's starting models exist: every model and seed at its best rate, trained by the --lr-from run."""
+    if args.lr_from is None:
+        parser.error("--extend trains on from another run's models: name its results.json with --lr-from")
+    controls = [kind for kind in args.models if kind in CONTROLS]
+    if controls:
+        parser.error(f"--extend: the controls ({', '.join(controls)}) are built at step 0, not loaded; leave them out")
+    folder = Path(args.lr_from_file).parent
+    missing = [str(path) for kind in args.models for seed in args.seeds
+               if not (path := checkpoint_file(folder, run_key(kind, args.lr_from[kind], seed))).is_file()]
+    if missing:
+        parser.error(f"--extend: {len(missing)} starting models are missing ({', '.join(missing[:3])}"
+                     f"{', ...' if len(missing) > 3 else ''}): run those seeds of {args.lr_from_file} first")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--size", default="128x2x8", help="HIDDENxLAYERSxHEADS")
@@ -374,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                              "at that end")
     parser.add_argument("--lr-from", type=Path, default=None, metavar="RESULTS_JSON",
                         help="no sweep: each model at its best rate in another retrieval results.json")
+    parser.add_argument("--extend", action="store_true",
+                        help="with --lr-from: train on from that experiment's model of the same kind and seed (its "
+                             "checkpoint at its best rate) instead of from scratch, as a context extension")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the first one sweeps")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--warmup", type=int, default=50)
@@ -397,11 +427,13 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_examples, args.probe_examples, args.batch_size, args.grow = 8, 2, 4, 0
     args.size = str(lab.Shape.parse(args.size))
     args.lr_from_file, args.lr_from = args.lr_from and str(args.lr_from), rates_from(parser, args.lr_from, args.models)
+    if args.extend:
+        check_extension(parser, args)
     out = lab.setup(args, out=OUT)
     settings = {name: getattr(args, name) for name in (
         "size", "models", "lrs", "seeds", "steps", "warmup", "batch_size", "lengths", "eval_lengths", "distractors",
         "eval_distractors", "queries", "eval_examples", "eval_every", "probe_examples", "device", "quick", "grow",
-        "lr_from", "lr_from_file")}
+        "lr_from", "lr_from_file", "extend")}
     results = lab.Results(out / "results.json", settings, fresh=args.fresh,
                           selects=("models", "seeds", "lrs", "grow", "lr_from_file"))
     results.put("environment", lab.environment())
