@@ -5,6 +5,7 @@ and each other.
 """
 
 import math
+import re
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, LlamaConfig
@@ -104,6 +105,13 @@ class DiffLlamaConfig(LlamaConfig):
             self.auto_map = {}
         self.auto_map = {**AUTO_MAP, **self.auto_map}
         self._check(kwargs.get("attn_implementation"))
+        if "cache_head_dim" in kwargs:  # derived, not a field: a tool may have written it out
+            written = kwargs.pop("cache_head_dim")
+            if written != self.cache_head_dim:
+                raise ValueError(
+                    f"cache_head_dim is {written!r}, but it follows from diff_version ({self.diff_version!r}) and "
+                    f"head_dim ({self.head_dim}): {self.cache_head_dim}. Remove it from config.json, or fix head_dim."
+                )
         super().__post_init__(**kwargs)
 
     def to_dict(self) -> dict:
@@ -146,7 +154,16 @@ class DiffLlamaConfig(LlamaConfig):
                     f"lambda_init for layer {layer_idx} is {value}; it must lie in [0, 1) because the head output "
                     "is scaled by (1 - lambda_init)."
                 )
-        if attn_implementation is None or is_kernel(attn_implementation):  # a Hub kernel: transformers fetches it
+        if attn_implementation is None:
+            return
+        if is_kernel(attn_implementation):  # a Hub kernel: transformers fetches it
+            repo = re.split(r"[@:]", attn_implementation, maxsplit=1)[0]
+            if not all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", part) and ".." not in part for part in repo.split("/")):
+                raise ValueError(
+                    f"attn_implementation {attn_implementation!r} looks like a Hub kernel (\"org/repo\"), but "
+                    f"{repo!r} is not a Hub repository id (letters, digits, '-', '_', '.'; no '..'): check the name, "
+                    f"or use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}."
+                )
             return
         known = ("eager", *ALL_ATTENTION_FUNCTIONS.valid_keys())  # registered ones included, at the time of the call
         if attn_implementation.removeprefix("paged|") not in known:
@@ -220,7 +237,8 @@ class DiffLlamaConfig(LlamaConfig):
         for layer_idx, heads in enumerate(self.dex_heads):
             if len(set(heads)) != len(heads) or not all(0 <= head < h for head in heads):
                 raise ValueError(
-                    f"dex_heads of layer {layer_idx} is {heads}: head indices must be distinct and in [0, {h})."
+                    f"dex_heads of layer {layer_idx} is {heads}: head indices must be distinct and in [0, {h}) (an "
+                    "empty list leaves the layer's attention as it is)."
                 )
 
     def dex_heads_for(self, layer_idx: int) -> list[int]:

@@ -305,12 +305,14 @@ class DiffLlamaDex(nn.Module):
 
     def forward(self, output: torch.Tensor) -> torch.Tensor:
         """(B, T, h, d) -> (B, T, h, d), the selected heads differenced, the others unchanged."""
+        if not self.heads:  # a layer DEX leaves as it is
+            return output
         every_head = self.heads == list(range(output.shape[2]))
         selected = output if every_head else output[:, :, self.heads]  # (B, T, S, d)
         correction = nn.functional.linear(selected, self.weight) * self.lambda_.to(output.dtype)  # λ·f_D(O)
         if every_head:  # no indexing (torch.onnx exports an index_add over every index wrongly)
             return output - correction
-        index = torch.tensor(self.heads, device=output.device)
+        index = torch.tensor(self.heads, dtype=torch.long, device=output.device)
         return output.index_add(2, index, correction, alpha=-1)
 
     def extra_repr(self) -> str:

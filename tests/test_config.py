@@ -14,6 +14,8 @@ from conftest import tiny_config
         (dict(lambda_init=1.2), r"lambda_init for layer 0 is 1.2.*\[0, 1\)"),
         (dict(lambda_init=[0.5, -0.1]), r"lambda_init for layer 1 is -0.1"),
         (dict(attn_implementation="paged_attention"), r"'paged_attention'.*eager, sdpa, flash_attention_2"),
+        (dict(attn_implementation="../x"), r"'\.\./x' looks like a Hub kernel .* is not a Hub repository id"),
+        (dict(cache_head_dim=32), r"cache_head_dim is 32, but it follows from diff_version \(1\) and head_dim \(8\): 16"),
         (dict(diff_version=3), r"diff_version \(3\) must be 1"),
         (dict(head_dim=7), r"head_dim \(7\) must be a positive even number"),
         (dict(hidden_size=64, num_attention_heads=32, num_key_value_heads=32, head_dim=None), r"head_dim \(1\)"),
@@ -26,6 +28,13 @@ from conftest import tiny_config
 def test_impossible_configs_raise_value_error_naming_fields_and_numbers(fields, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**fields)
+
+
+def test_a_written_out_cache_head_dim_that_agrees_is_accepted():
+    """A config.json holding the derived `cache_head_dim` (some tools write properties out) loads when it agrees."""
+    config = tiny_config(cache_head_dim=16)
+    assert config.cache_head_dim == 16 and "cache_head_dim" not in config.to_dict()
+    assert tiny_config(attn_implementation="kernels-community/flash-attn@main")  # a Hub kernel name passes through
 
 
 def test_head_dim_defaults_follow_the_version():

@@ -108,12 +108,38 @@ def test_dex_matches_an_independent_implementation(attn_implementation):
         (dict(diff_version="dex", dex_heads=[[0], [4]]), r"dex_heads of layer 1 is \[4\]: .* in \[0, 4\)"),
         (dict(diff_version="dex", dex_heads=[[1, 1], [0]]), r"dex_heads of layer 0 is \[1, 1\]: .* distinct"),
         (dict(diff_version=2, dex_heads=[[0], [0]]), r"dex_heads is set but diff_version is 2"),
+        (dict(diff_version="dex", dex_heads=[["0"], [1]]), r"field 'dex_heads'(.|\n)*value \[\['0'\], \[1\]\]"),
+        (dict(diff_version="dex", dex_heads="all"), r"field 'dex_heads'(.|\n)*value 'all'"),
         (dict(diff_version="v3"), r"diff_version \('v3'\) must be 1 .*, 2 .* or 'dex'"),
     ],
 )
 def test_dex_config_refuses_what_cannot_work(fields, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(Exception, match=message):  # types: caught by transformers' own field validation
         DiffLlamaConfig(**TINY, **fields)
+
+
+def test_a_layer_without_dex_heads_is_left_as_the_llama_computes_it():
+    """An empty head list is a layer DEX does not touch: with f_D and λ away from zero, the model equals one whose
+    layer 0 has no DEX module at work, and with every list empty it is the plain Llama."""
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    ids = torch.randint(3, 100, (2, 9))
+    for heads in ([[], [1, 3]], [[], []]):
+        model = modeling_diff.DiffLlamaForCausalLM(DiffLlamaConfig(**TINY, diff_version="dex", dex_heads=heads))
+        model.load_state_dict(llama.state_dict(), strict=False)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.dex.weight.normal_(0, 0.3)
+                layer.self_attn.dex.lambda_.fill_(0.7)
+        model.eval()
+        if heads[1]:
+            reference = modeling_diff.DiffLlamaForCausalLM(DiffLlamaConfig(**TINY, diff_version="dex",
+                                                                            dex_heads=[[0], [1, 3]])).eval()
+            reference.load_state_dict(model.state_dict())
+            reference.model.layers[0].self_attn.dex.lambda_.zero_()  # layer 0's correction switched off
+            assert torch.equal(logits(model, ids), logits(reference, ids))
+        else:
+            assert torch.equal(logits(model, ids), logits(llama, ids))
 
 
 def test_lambda_schedule():
