@@ -9,6 +9,7 @@ a kill, at the start of the next conversion into the same folder.
 """
 
 import errno
+import glob
 import json
 import os
 import re
@@ -45,6 +46,18 @@ def check_output(output: Path, *, source: Path, overwrite: bool) -> None:
     real_output, real_source = output.resolve(), source.resolve()
     if real_output.exists() and not real_output.is_dir():
         raise ConversionError(f"output {output} is a file, not a folder: choose a folder path (it is created).")
+    for parent in output.parents:  # the folders above OUTPUT, made when missing: checked now, not after the work
+        if parent.is_symlink() and not parent.exists():
+            raise ConversionError(
+                f"output {output} lies under {parent}, a link to {os.readlink(parent)}, which does not exist: create "
+                "what it points to, or choose another folder."
+            )
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConversionError(
+                    f"output {output} lies under {parent}, which is a file, not a folder: choose another folder."
+                )
+            break
     if real_output == real_source:
         raise ConversionError(f"output {output} is the source itself: choose another folder for the converted model.")
     if inside(real_source, real_output):
@@ -152,19 +165,28 @@ def recover(output: Path) -> None:
     """
     if not output.parent.is_dir():
         return
-    for folder in sorted(output.parent.glob(f".{output.name}{REPLACED_MARK}*")):
+    name = glob.escape(output.name)  # a name may hold glob characters: [, *, ?
+    for folder in sorted(output.parent.glob(f".{name}{REPLACED_MARK}*")):
         if _running(folder):
             continue
         if output.exists():
             logger.warning(f"removing {folder}, the old output that an interrupted overwrite had replaced")
-            shutil.rmtree(folder, ignore_errors=True)
+            _remove(folder)
         else:
             logger.warning(f"restoring {output} from {folder}, moved aside by an interrupted overwrite")
             folder.rename(output)
-    for folder in output.parent.glob(f".{output.name}{TEMP_MARK}*"):
+    for folder in output.parent.glob(f".{name}{TEMP_MARK}*"):
         if not _running(folder):
             logger.warning(f"removing {folder}, left by an interrupted conversion")
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Remove an old output moved aside: a folder with what it holds, or a link (never what the link points to)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _running(folder: Path) -> bool:
@@ -203,6 +225,9 @@ def move_into_place(temp: Path, output: Path, *, manifest: Manifest = CONVERSION
             "choose another folder."
         )
     replaced = _replaced_folder(output, os.getpid())
+    if output.is_symlink():
+        logger.warning(f"{output} was a link to {output.resolve()}: the new output is a folder in its place, and the "
+                       "folder it pointed to is left as it was")
     output.rename(replaced)
     try:
         temp.rename(output)
@@ -210,7 +235,7 @@ def move_into_place(temp: Path, output: Path, *, manifest: Manifest = CONVERSION
         if not output.exists():
             replaced.rename(output)
         raise
-    shutil.rmtree(replaced, ignore_errors=True)
+    _remove(replaced)
 
 
 def _lock_file(output: Path) -> Path:

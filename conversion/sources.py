@@ -303,8 +303,9 @@ def resolve(source: str | Path | None, *, progress: bool = True) -> Source:
         folder = Path(snapshot_download(repo_id=str(source), local_files_only=True))
     except (LocalEntryNotFoundError, ValueError) as error:
         raise ConversionError(
-            f"source {source} is not a local folder, and as a Hub id it is not in the local Hugging Face cache "
-            f"(conversion works offline): check the path, or download it first with `hf download {source}`."
+            f"source {source} is neither a folder ({path.absolute()} does not exist) nor, as a Hub id, in the "
+            "local Hugging Face cache (conversion works offline): if it is a folder, check the path and the current "
+            f"folder; if it is a Hub id, download it first with `hf download {source}`."
         ) from error
     return _with_config(
         Source(name=str(source), folder=folder, hub_id=str(source), shard_files=_shard_files(folder), progress=progress)
@@ -344,7 +345,9 @@ def _shard_files(folder: Path) -> list[Path]:
 
 def _with_config(source: Source) -> Source:
     where = source.config_path
-    if not source.gguf_file:
+    if source.gguf_file:
+        _check_gguf_fields(source.path)
+    else:
         _check_raw_config(where)
     try:
         with progress_bars(source.progress):
@@ -476,6 +479,38 @@ def _custom_code(source: Source) -> list[str]:
         if isinstance(auto_map, dict):
             found += [f"{name}: {key} -> {value}" for key, value in auto_map.items()]
     return found
+
+
+# GGUF metadata keys (after "<architecture>.") that must be positive whole numbers, with the config field each gives.
+GGUF_POSITIVE_FIELDS = {
+    "block_count": "num_hidden_layers",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+}
+
+
+def _check_gguf_fields(path: Path) -> None:
+    """The GGUF header's sizes, checked as config.json's are: transformers' GGUF loader divides by them."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(path).fields
+        architecture = str(fields["general.architecture"].contents())
+    except Exception:  # noqa: BLE001  (an unreadable file: transformers' loader then names what it found)
+        return
+    for key, config_field in GGUF_POSITIVE_FIELDS.items():
+        field_ = fields.get(f"{architecture}.{key}")
+        if field_ is None:
+            continue
+        value = field_.contents()
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConversionError(
+                f"the GGUF file {path}: {architecture}.{key} ({config_field}) is {value!r}; it must be a positive "
+                "whole number: the file was written wrong; re-download it or export it again."
+            )
 
 
 def _gguf_quantisation(path: Path) -> str:

@@ -125,6 +125,13 @@ def check_supported(config) -> str:
             f"unsupported source architecture {architecture}: conversion supports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family decoders)."
         )
+    model_type = getattr(config, "model_type", None)
+    if model_type != SUPPORTED_ARCHITECTURES[architecture]:
+        raise ConversionError(
+            f"the source's config has model_type {model_type!r} but architectures {architecture} (model_type "
+            f"{SUPPORTED_ARCHITECTURES[architecture]!r}): its fields were read as a {model_type} config. Correct "
+            "whichever of the two is wrong in config.json."
+        )
     return architecture
 
 

@@ -66,14 +66,13 @@ def test_output_path_that_is_a_file(tmp_path, llama, overwrite):
             overwrite=overwrite)
 
 
-def test_gguf_of_a_non_llama_model(tmp_path):
-    path = tmp_path / "gpt2.gguf"
-    writer = gguf.GGUFWriter(str(path), "gpt2")
+def small_gguf(path: Path, architecture: str, *, heads: int = 2) -> Path:
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(1)
     writer.add_context_length(64)
     writer.add_embedding_length(32)
     writer.add_feed_forward_length(64)
-    writer.add_head_count(2)
+    writer.add_head_count(heads)
     writer.add_layer_norm_eps(1e-5)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(["a", "b", "c"])
@@ -83,8 +82,26 @@ def test_gguf_of_a_non_llama_model(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_gguf_of_a_non_llama_model(tmp_path):
+    path = small_gguf(tmp_path / "gpt2.gguf", "gpt2")
     refused(tmp_path, r"model_type 'gpt2': conversion supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
             source=path, output=tmp_path / "out")
+
+
+def test_model_type_that_disagrees_with_the_architecture(tmp_path, llama):
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    refused(tmp_path, r"model_type 'gpt2' but architectures LlamaForCausalLM \(model_type 'llama'\)", source=llama,
+            output=tmp_path / "out")
+
+
+def test_gguf_with_a_size_of_zero(tmp_path):
+    path = small_gguf(tmp_path / "zero-heads.gguf", "llama", heads=0)
+    refused(tmp_path, r"zero-heads.gguf: llama.attention.head_count \(num_attention_heads\) is 0; it must be a "
+                      r"positive whole number", source=path, output=tmp_path / "out")
 
 
 def test_tokenizer_larger_than_the_vocabulary(tmp_path, llama):

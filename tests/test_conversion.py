@@ -298,6 +298,10 @@ def test_hub_id_from_the_local_cache(tmp_path, monkeypatch):
     assert "library_name: transformers" in front_matter and "revision=revision" in card
     with pytest.raises(ConversionError, match="hf download tiny/missing"):
         convert(source="tiny/missing", output=tmp_path / "other", verify=False)
+    # A relative folder that is missing reads as a Hub id too: the message names the folder it looked for.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConversionError, match=f"neither a folder \\({tmp_path}/models/llama does not exist\\)"):
+        convert(source="models/llama", output=tmp_path / "other", verify=False)
 
 
 # Failures leave nothing behind.

@@ -166,6 +166,45 @@ def test_killed_overwrite_is_rolled_back_or_completed_next_run(tmp_path, llama):
     assert not aside.exists() and json.loads((out / "config.json").read_text())["diff_version"] == 1
 
 
+def test_recovery_with_glob_characters_in_the_output_name(tmp_path, llama):
+    """An output named like a glob pattern is recovered as any other (the names are matched literally)."""
+    out = convert_quietly(source=llama, output=tmp_path / "out[v2]*?")
+    before = snapshot(out)
+    aside = tmp_path / f".out[v2]*?{outputs.REPLACED_MARK}{dead_pid()}"
+    out.rename(aside)
+    with pytest.raises(ConversionError, match="an earlier conversion.*--overwrite"):
+        convert_quietly(source=llama, output=out)
+    assert snapshot(out) == before and not aside.exists()
+
+
+def test_overwriting_a_linked_output_leaves_no_link_behind(tmp_path, llama):
+    """OUTPUT a link to an earlier output: the new output takes the link's place, the folder it pointed to is kept
+    as it was, and no moved-aside link is left."""
+    target = convert_quietly(source=llama, output=tmp_path / "elsewhere" / "v2")
+    before = snapshot(target)
+    (tmp_path / "out").symlink_to(target, target_is_directory=True)
+    convert_quietly(source=llama, output=tmp_path / "out", overwrite=True, strategy="widened")
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "out").is_symlink()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["diff_version"] == 1
+    assert snapshot(target) == before
+    assert not [path.name for path in tmp_path.iterdir() if outputs.REPLACED_MARK in path.name]
+
+
+@pytest.mark.parametrize("parent", ["file", "dangling link"])
+def test_an_output_whose_parent_cannot_hold_it_is_refused_before_any_work(tmp_path, llama, parent):
+    blocker = tmp_path / "runs"
+    if parent == "file":
+        blocker.write_text("a user's file")
+        message = r"lies under .*runs, which is a file, not a folder"
+    else:
+        blocker.symlink_to(tmp_path / "unmounted-disk")
+        message = r"lies under .*runs, a link to .*unmounted-disk, which does not exist"
+    before = snapshot(tmp_path)
+    with pytest.raises(ConversionError, match=message):
+        convert_quietly(source=llama, output=blocker / "deep" / "out")
+    assert snapshot(tmp_path) == before
+
+
 def _run_until(tmp_path, stall_at: str, argv: list[str]) -> subprocess.Popen:
     """A conversion in a child process that stalls at `stall_at` ("writing" or "verifying") and says so."""
     marker = tmp_path / "stalled"
