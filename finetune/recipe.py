@@ -713,6 +713,10 @@ def run_card(metrics: dict, *, merged: bool) -> str:
         lines += ["", "The adapter also holds what differential attention adds, trained in full (λ, head-norm gains, "
                   "`lambda_proj` or DEX's f_D), as `modules_to_save`."
                   + (" `merged/` holds the adapter folded into the base model." if merged else "")]
+    if lora and diff:
+        lines += ["", f"Load it onto `{metrics['model']}`, the differential model, not onto the Llama it was "
+                  "converted from: PEFT puts an adapter on any model whose layer names match, and where the shapes "
+                  "match too (DEX, version 1 `paired`) it drops what the Llama lacks (λ, f_D) without an error."]
     return "\n".join(lines) + "\n"
 
 

@@ -140,6 +140,7 @@ def test_finetune_commands_run_as_printed(after_quickstart):
             )
         if "--lora" in command:  # the run card's snippet, and the same load without our import
             card = (work / output / "README.md").read_text()
+            assert "not onto the Llama it was converted from" in card  # PEFT would drop λ and f_D without a word
             (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
             loaded = run_snippet(snippet.replace("THIS_FOLDER", output) + "\nprint('ran', type(model).__name__)",
                                  work)
