@@ -13,7 +13,6 @@ Versions 1 and 2 do not fold: their two softmax maps are not a linear function o
 """
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -111,25 +110,14 @@ def export_folded(source: str | Path, output: str | Path, *, overwrite: bool = F
 
     The folder is written beside `output` and renamed into place when complete, as conversions are.
     """
-    source = Path(source).expanduser().absolute()
-    output = Path(output).expanduser().absolute()
-    outputs.recover(output)
-    outputs.check_output(output, source=source, overwrite=overwrite)
+    source, output = outputs.export_paths(source, output, overwrite=overwrite)
     llama = fold_dex(load_for_export(source))
     tokenizer = AutoTokenizer.from_pretrained(source)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temp = outputs.temporary_folder(output)
-    temp.mkdir()
-    try:
+    with outputs.staged(output, {"folded_from": str(source)}) as temp:
         llama.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
         if (source / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(source).save_pretrained(temp)
-        outputs.write_manifest(temp, {"folded_from": str(source)})
-        outputs.move_into_place(temp, output)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return output
 
 

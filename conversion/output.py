@@ -8,6 +8,7 @@ renames; whatever interrupts it, the old output is restored or the new one is in
 a kill, at the start of the next conversion into the same folder.
 """
 
+import contextlib
 import errno
 import glob
 import json
@@ -236,6 +237,31 @@ def move_into_place(temp: Path, output: Path, *, manifest: Manifest = CONVERSION
             replaced.rename(output)
         raise
     _remove(replaced)
+
+
+def export_paths(source: str | Path, output: str | Path, *, overwrite: bool) -> tuple[Path, Path]:
+    """(source, output) of an export as absolute paths, `output` recovered from an interrupted run and checked as a
+    conversion's is: everything an export refuses is refused before its work."""
+    source, output = Path(source).expanduser().absolute(), Path(output).expanduser().absolute()
+    recover(output)
+    check_output(output, source=source, overwrite=overwrite)
+    return source, output
+
+
+@contextlib.contextmanager
+def staged(output: Path, record: dict):
+    """A folder beside `output` to write a whole output into: on a clean exit it gets the manifest (`record` in it)
+    and is renamed into place; on any error, Ctrl-C included, it is removed and `output` is left as it was."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = temporary_folder(output)
+    temp.mkdir()
+    try:
+        yield temp
+        write_manifest(temp, record)
+        move_into_place(temp, output)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
 
 
 def _lock_file(output: Path) -> Path:

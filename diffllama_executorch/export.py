@@ -12,7 +12,6 @@ XNNPACK partitioner, the CPU backend ExecuTorch runs on phones and laptops; `run
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -86,25 +85,14 @@ def export(source: str | Path, output: str | Path, *, max_cache_len: int = MAX_C
                               "pip install -e '.[executorch]'") from None
     if max_cache_len < 2:
         raise ConversionError(f"max_cache_len {max_cache_len}: a prompt and its generation need at least 2 tokens")
-    source = Path(source).expanduser().absolute()
-    output = Path(output).expanduser().absolute()
-    outputs.recover(output)
-    outputs.check_output(output, source=source, overwrite=overwrite)
+    source, output = outputs.export_paths(source, output, overwrite=overwrite)
     model = load_for_export(source).float().eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temp = outputs.temporary_folder(output)
-    temp.mkdir()
-    try:
+    with outputs.staged(output, {"exported_from": str(source), "format": "executorch"}) as temp:
         (temp / PROGRAM_FILE).write_bytes(export_program(model, max_cache_len=max_cache_len))
         layout = {"max_cache_len": max_cache_len, "vocab_size": model.config.vocab_size, "backend": "xnnpack",
                   "diff_version": getattr(model.config, "diff_version", None)}
         (temp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
         model.config.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
-        outputs.write_manifest(temp, {"exported_from": str(source), "format": "executorch"})
-        outputs.move_into_place(temp, output)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return output

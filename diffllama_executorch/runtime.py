@@ -12,41 +12,24 @@ then one call per generated token.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffllama_onnx.runtime import sample
+from diffllama_onnx.runtime import ExportedFolder, sample
 
 from .export import LAYOUT_FILE, PROGRAM_FILE
 
 
-class ExecuTorchCausalLM:
+class ExecuTorchCausalLM(ExportedFolder):
     """An exported program, its layout and tokenizer; `generate` decodes greedily or by sampling."""
 
     def __init__(self, folder: str | Path):
         from executorch.runtime import Runtime
 
-        folder = Path(folder)
-        layout_file = folder / LAYOUT_FILE
-        if not layout_file.is_file():
-            raise FileNotFoundError(f"{folder} has no {LAYOUT_FILE}: pass a folder `python -m diffllama_executorch` "
-                                    "wrote")
-        self.layout = json.loads(layout_file.read_text())
-        self.method = Runtime.get().load_program(folder / PROGRAM_FILE).load_method("forward")
-        self.folder = folder
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        """The exported folder's tokenizer (loaded with transformers on first use)."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        return self._tokenizer
+        super().__init__(folder, LAYOUT_FILE, "python -m diffllama_executorch")
+        self.method = Runtime.get().load_program(self.folder / PROGRAM_FILE).load_method("forward")
 
     def step(self, input_ids: list[int], position: int) -> np.ndarray:
         """Logits (new tokens, vocabulary) for `input_ids` placed at `position` onwards of the cache."""

@@ -12,7 +12,6 @@ they compute in PyTorch; `runtime.OnnxCausalLM` drives the graph.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -105,16 +104,10 @@ def export(source: str | Path, output: str | Path, *, int8: bool = False, overwr
     except ImportError as error:
         raise ConversionError(f"the ONNX export needs onnx, onnxscript and onnxruntime ({error}): "
                               "pip install -e '.[onnx]'") from None
-    source = Path(source).expanduser().absolute()
-    output = Path(output).expanduser().absolute()
-    outputs.recover(output)
-    outputs.check_output(output, source=source, overwrite=overwrite)
+    source, output = outputs.export_paths(source, output, overwrite=overwrite)
     model = load_for_export(source).float().eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temp = outputs.temporary_folder(output)
-    temp.mkdir()
-    try:
+    with outputs.staged(output, {"exported_from": str(source), "format": "onnx"}) as temp:
         export_model(model, temp / MODEL_FILE, opset=opset)
         files = [MODEL_FILE]
         if int8:
@@ -127,9 +120,4 @@ def export(source: str | Path, output: str | Path, *, int8: bool = False, overwr
         (temp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
         model.config.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
-        outputs.write_manifest(temp, {"exported_from": str(source), "format": "onnx"})
-        outputs.move_into_place(temp, output)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return output

@@ -20,25 +20,14 @@ import numpy as np
 from .export import INT8_FILE, LAYOUT_FILE, MODEL_FILE
 
 
-class OnnxCausalLM:
-    """An exported graph, its layout and tokenizer; `generate` decodes greedily or by sampling."""
+class ExportedFolder:
+    """A folder an exporter wrote: its layout file (read here) and its tokenizer (loaded on first use)."""
 
-    def __init__(self, folder: str | Path, *, int8: bool = False, threads: int | None = None):
-        import onnxruntime
-
-        folder = Path(folder)
-        layout_file = folder / LAYOUT_FILE
-        if not layout_file.is_file():
-            raise FileNotFoundError(f"{folder} has no {LAYOUT_FILE}: pass a folder `python -m diffllama_onnx` wrote")
-        self.layout = json.loads(layout_file.read_text())
-        name = INT8_FILE if int8 else MODEL_FILE
-        if name not in self.layout["files"]:
-            raise FileNotFoundError(f"{folder} has no {name}: export it with --int8")
-        options = onnxruntime.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
-        self.folder = folder
+    def __init__(self, folder: str | Path, layout_file: str, command: str):
+        self.folder = Path(folder)
+        if not (self.folder / layout_file).is_file():
+            raise FileNotFoundError(f"{self.folder} has no {layout_file}: pass a folder `{command}` wrote")
+        self.layout = json.loads((self.folder / layout_file).read_text())
         self._tokenizer = None
 
     @property
@@ -49,6 +38,23 @@ class OnnxCausalLM:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
         return self._tokenizer
+
+
+class OnnxCausalLM(ExportedFolder):
+    """An exported graph, its layout and tokenizer; `generate` decodes greedily or by sampling."""
+
+    def __init__(self, folder: str | Path, *, int8: bool = False, threads: int | None = None):
+        import onnxruntime
+
+        super().__init__(folder, LAYOUT_FILE, "python -m diffllama_onnx")
+        name = INT8_FILE if int8 else MODEL_FILE
+        if name not in self.layout["files"]:
+            raise FileNotFoundError(f"{self.folder} has no {name}: export it with --int8")
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(self.folder / name), options,
+                                                    providers=["CPUExecutionProvider"])
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         layout = self.layout
