@@ -94,8 +94,9 @@ def test_v2_kernel_benchmark_checks_every_kernel_against_the_models_call(tmp_pat
 
 
 def test_local_inference_benchmark_measures_every_runtime_and_resumes(tmp_path):
-    """benchmarks/local_inference.py on a tiny Llama and its version-2 conversion: every runtime measured, ONNX
-    Runtime's and ExecuTorch's greedy tokens compared with transformers', a rerun measures nothing again."""
+    """benchmarks/local_inference.py on a tiny Llama and its version-2 conversion: every runtime but ExecuTorch
+    measured (its lowering takes half a minute a model; tests/test_executorch.py measures an export with the same
+    function), ONNX Runtime's greedy tokens compared with transformers', a rerun measures nothing again."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from test_trainer import MODULES, STDLIB, byte_level_tokenizer
@@ -105,18 +106,16 @@ def test_local_inference_benchmark_measures_every_runtime_and_resumes(tmp_path):
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
                      ).save_pretrained(source)
     byte_level_tokenizer([STDLIB / f"{name}.py" for name in MODULES]).save_pretrained(source)
+    runtimes = ("torch", "torch-int8", "torch-int4", "onnx", "onnx-int8")
     command = [sys.executable, str(ROOT / "benchmarks" / "local_inference.py"), "--quick", "--source", str(source),
-               "--models", "v2", "--out", str(tmp_path / "out")]
+               "--models", "v2", "--out", str(tmp_path / "out"), "--runtimes", *runtimes]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
-    runtimes = ("torch", "torch-int8", "torch-int4", "onnx", "onnx-int8", "executorch")
     assert set(runs) == {f"{model}/{runtime}" for model in ("llama", "v2") for runtime in runtimes}
     for model in ("llama", "v2"):
-        for exported in ("onnx", "executorch"):
-            assert runs[f"{model}/{exported}"]["tokens_equal_torch"] is True
-            assert runs[f"{model}/{exported}"]["perplexity"] == pytest.approx(runs[f"{model}/torch"]["perplexity"],
-                                                                              rel=1e-4)
+        assert runs[f"{model}/onnx"]["tokens_equal_torch"] is True
+        assert runs[f"{model}/onnx"]["perplexity"] == pytest.approx(runs[f"{model}/torch"]["perplexity"], rel=1e-4)
         assert all(runs[f"{model}/{runtime}"]["decode_tok_s"] > 0 for runtime in runtimes)
     assert "| onnx-int8 | v2 |" in (tmp_path / "out" / "results.md").read_text()
     before = (tmp_path / "out" / "results.json").read_text()

