@@ -189,12 +189,15 @@ def end_everything_below() -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        time.sleep(0.005)
+        # Reap what has ended, then list again: a process forked after the list above is not dead yet, and waiting
+        # for it here would wait for ever.
         while True:
             try:
                 if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                    time.sleep(0.005)
+                    break
             except ChildProcessError:
-                break
+                return
 
 
 def wait(pid: int, deadline: float) -> int | None:
