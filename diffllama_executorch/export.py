@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, StaticCache
 from conversion import output as outputs
 from conversion.errors import ConversionError
 from conversion.fold import load_for_export
+from diffllama_onnx.export import cache_shape
 
 PROGRAM_FILE = "model.pte"
 LAYOUT_FILE = "executorch_layout.json"  # what the runtime needs to know of the program: its cache length, ids
@@ -34,7 +35,7 @@ class StaticCacheStep(nn.Module):
         super().__init__()
         self.model = model
         config = model.config
-        width = getattr(config, "cache_head_dim", None) or config.head_dim  # 2·head_dim in version 1
+        width = cache_shape(config)["head_dim"]  # cache_head_dim: 2·head_dim in version 1
         self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
         # allocated now, not at the first update: torch.export needs the tensors before tracing
         self.cache.early_initialization(1, config.num_key_value_heads, width, model.dtype, model.device)
