@@ -208,8 +208,8 @@ def planner(settings: dict, results: lab.Results, base_task: dict, cache: Path):
         pending = [task(kind, lr, first) for kind in settings["models"] for lr in sweep(settings, results.runs, kind)]
         chosen = {kind: best_lr(results.runs, kind, sweep(settings, results.runs, kind), first)
                   for kind in settings["models"]}
-        pending += [task(kind, lr, seed) for seed in settings["seeds"][1:] for kind, lr in chosen.items()
-                    if lr is not None]
+        if None not in chosen.values():  # until every sweep is done the grid may still grow, and a best rate move
+            pending += [task(kind, lr, seed) for seed in settings["seeds"][1:] for kind, lr in chosen.items()]
         return [(key, job) for key, job in pending if key not in results]
 
     return plan

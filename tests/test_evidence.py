@@ -219,6 +219,39 @@ def test_retrieval_examples_hide_the_records_they_query(retrieval, length, distr
     assert labelled == expected
 
 
+def test_retrieval_sweep_grows_for_every_model_and_seeds_wait_for_it(retrieval, tmp_path):
+    """The rate grid grows by 2x at an end while some model's best sits there (every model then runs the new rate),
+    at most `grow` times; no model's other seeds start before every sweep is done (a best rate may still move)."""
+    settings = {"models": ["llama", "diff-v1"], "lrs": [1e-3, 2e-3, 4e-3], "seeds": [0, 1], "grow": 1, "lr_from": {},
+                "extend": False, "lr_from_file": None}
+
+    def record(accuracy):
+        return {"accuracy": accuracy, "train_loss_curve": [1.0]}
+
+    runs = {}
+    results = type("Results", (), {"runs": runs, "__contains__": lambda self, key: key in runs})()
+    plan = retrieval.planner(settings, results, {}, tmp_path / "cache")
+
+    def planned():
+        return sorted(key for key, _ in plan())
+
+    assert planned() == sorted(f"{kind}/lr{lr:g}/seed0" for kind in settings["models"] for lr in settings["lrs"])
+    runs.update({"llama/lr0.001/seed0": record(0.6), "llama/lr0.002/seed0": record(0.5),
+                 "llama/lr0.004/seed0": record(0.2)})
+    # the Llama's best is known, but the version-1 sweep is not: nothing at seed 1 yet
+    assert planned() == ["diff-v1/lr0.001/seed0", "diff-v1/lr0.002/seed0", "diff-v1/lr0.004/seed0"]
+    runs.update({"diff-v1/lr0.001/seed0": record(0.6), "diff-v1/lr0.002/seed0": record(0.9),
+                 "diff-v1/lr0.004/seed0": record(0.7)})
+    # the Llama's best sits at the low end: 5e-4 for both models, and still no seed 1
+    assert retrieval.lr_grid(settings, runs) == [5e-4, 1e-3, 2e-3, 4e-3]
+    assert planned() == ["diff-v1/lr0.0005/seed0", "llama/lr0.0005/seed0"]
+    runs.update({"llama/lr0.0005/seed0": record(0.7), "diff-v1/lr0.0005/seed0": record(0.5)})
+    # its best is at the new end, but the grid has grown as often as `grow` allows: the seeds start, each model at its
+    # own best rate
+    assert retrieval.lr_grid(settings, runs) == [5e-4, 1e-3, 2e-3, 4e-3]
+    assert planned() == ["diff-v1/lr0.002/seed1", "llama/lr0.0005/seed1"]
+
+
 def test_retrieval_refuses_distractors_that_do_not_fit(retrieval):
     with pytest.raises(ValueError, match="do not fit in a context of 32 tokens"):
         retrieval.make_example(random.Random(0), 32, 8)
