@@ -15,14 +15,12 @@ if str(ROOT) not in sys.path:  # the tests also run from a plain checkout, witho
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # test processes share the cores (pyproject's -n): more threads contend
-    WORKERS = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // WORKERS)))
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch is loaded already: the variable is for children
 
 import modeling_diff  # noqa: E402
 from configuration_diff import DiffLlamaConfig  # noqa: E402
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # The files that take longest, longest first. pytest-xdist hands out whole files (--dist loadfile) in collection
 # order, so these start first and the rest fills in beside them, instead of one long file running alone at the end.
@@ -80,6 +78,7 @@ def run_launcher(command: list[str], *, env: dict, timeout_s: int, cwd: Path | N
     if process.returncode != 0:
         pytest.fail(f"{name} failed ({process.returncode}):\n{log[-6000:]}")
     return log
+
 
 @pytest.fixture(scope="session")
 def dequantised_smollm2(tmp_path_factory) -> Path:

@@ -33,16 +33,14 @@ def reference(smollm2):
     return ids, logits, prompt, generated
 
 
-def _convert_reusing(smollm2, monkeypatch, **options):
-    # The GGUF path runs for real (config, tokenizer and generation config from the file); only the 25 s
-    # dequantisation is replaced by the module's copy of the same model.
-    monkeypatch.setattr(sources.Source, "load_model", lambda self, dtype=torch.float32: smollm2[1])
+def _convert(**options):
+    # with `smollm2_loads_fast`, the GGUF path runs for real but for the dequantisation, read from the run's copy
     return convert(source=GGUF, verify=False, progress=False, **options)
 
 
 @pytest.mark.parametrize("strategy", ["widened", "v2"])
-def test_preserve_matches_the_source(smollm2, reference, strategy, tmp_path, monkeypatch):
-    out = _convert_reusing(smollm2, monkeypatch, output=tmp_path / strategy, strategy=strategy, preserve=True)
+def test_preserve_matches_the_source(smollm2, reference, strategy, tmp_path, smollm2_loads_fast):
+    out = _convert(output=tmp_path / strategy, strategy=strategy, preserve=True)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids, logits, prompt, generated = reference
     with torch.no_grad():
@@ -70,13 +68,13 @@ def test_paired_is_refused_pointing_to_widened(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_generation_stack_on_the_converted_model(smollm2, tmp_path, monkeypatch):
+def test_generation_stack_on_the_converted_model(smollm2, tmp_path, smollm2_loads_fast):
     """pipeline, chat template, beam search, sampling and streaming behave on the converted model as on the source."""
     import threading
 
     from transformers import TextIteratorStreamer, pipeline
 
-    out = _convert_reusing(smollm2, monkeypatch, output=tmp_path / "v2", strategy="v2", preserve=True)
+    out = _convert(output=tmp_path / "v2", strategy="v2", preserve=True)
     tokenizer = AutoTokenizer.from_pretrained(out)
     converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     source = smollm2[1]
