@@ -376,7 +376,7 @@ def rates_from(parser, path: Path | None, models: list[str]) -> dict[str, float]
 
 def check_extension(parser, args) -> None:
     """--extend's starting models exist: every model and seed at its best rate, trained by the --lr-from run."""
-    if args.lr_from is None:
+    if args.lr_from_file is None:
         parser.error("--extend trains on from another run's models: name its results.json with --lr-from")
     controls = [kind for kind in args.models if kind in CONTROLS]
     if controls:
@@ -386,7 +386,9 @@ def check_extension(parser, args) -> None:
                if not (path := checkpoint_file(folder, run_key(kind, args.lr_from[kind], seed))).is_file()]
     if missing:
         parser.error(f"--extend: {len(missing)} starting models are missing ({', '.join(missing[:3])}"
-                     f"{', ...' if len(missing) > 3 else ''}): run those seeds of {args.lr_from_file} first")
+                     f"{', ...' if len(missing) > 3 else ''}): run those seeds of {args.lr_from_file} first (a run "
+                     "recorded there without its model: train it again with the same settings and `--out` another "
+                     "folder, then copy its cache/checkpoints/ file across)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,6 +269,41 @@ def test_retrieval_quick_run_writes_results(quick):
     assert (quick["retrieval"] / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_retrieval_extend_trains_on_from_the_shorter_runs_models(retrieval, quick, tmp_path, capsys):
+    source, threads = quick["retrieval"] / "results.json", str(torch.get_num_threads())
+
+    def refused(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit:
+            retrieval.main(["--quick", "--threads", threads, "--extend", *argv, "--out", str(tmp_path / "refused")])
+        assert exit.value.code == 2
+        return capsys.readouterr().err
+
+    assert "name its results.json with --lr-from" in refused()
+    assert "built at step 0" in refused("--lr-from", str(source), "--models", "diff-v1-onemap")
+    partial = tmp_path / "partial"
+    shutil.copytree(quick["retrieval"], partial)
+    rates = json.loads(source.read_text())["summary"]["models"]
+    key = retrieval.run_key("diff-v2", rates["diff-v2"]["best_lr"], 1)
+    retrieval.checkpoint_file(partial, key).unlink()
+    assert "1 starting models are missing" in refused("--lr-from", str(partial / "results.json"), "--models", "diff-v2")
+
+    out = tmp_path / "extended"
+    assert retrieval.main(["--quick", "--threads", threads, "--extend", "--lr-from", str(source), "--models",
+                           "diff-v2", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    keys = [retrieval.run_key("diff-v2", rates["diff-v2"]["best_lr"], seed) for seed in data["settings"]["seeds"]]
+    assert sorted(data["runs"]) == keys and data["settings"]["extend"]
+    key = keys[0]
+    # The first step's loss is the shorter run's trained model on the first batch, not a new model's
+    s = data["settings"]
+    model, _ = retrieval.lab.load_checkpoint(retrieval.checkpoint_file(quick["retrieval"], key))
+    batch = retrieval.training_batches(seed=0, batch_size=s["batch_size"], lengths=s["lengths"],
+                                       distractors=s["distractors"], queries=s["queries"])(1)
+    with torch.no_grad():
+        assert model(**batch).loss.item() == pytest.approx(data["runs"][key]["train_loss_curve"][0], rel=1e-5)
+    assert retrieval.checkpoint_file(out, key).is_file()
+
+
 @pytest.fixture(scope="module")
 def probes():
     if str(BENCHMARKS) not in sys.path:
