@@ -294,7 +294,8 @@ def write_report(results: lab.Results, out: Path) -> None:
     s, grid = settings, summary["lr_grid"]
     rates = (f"learning rates {', '.join(f'{lr:g}' for lr in grid)} swept on seed {s['seeds'][0]}, seeds "
              f"{', '.join(map(str, s['seeds'][1:]))} at each model's best" if not s["lr_from"] else
-             f"each model at the best rate of {s['lr_from_file']} ({', '.join(f'{k} {v:g}' for k, v in s['lr_from'].items())})")
+             f"each model at the best rate of {s['lr_from_file']} "
+             f"({', '.join(f'{k} {v:g}' for k, v in s['lr_from'].items())})")
     lines = [
         f"Retrieval among distractors, "
         f"{'each model trained on from its run in ' + s['lr_from_file'] if s['extend'] else 'from scratch'}: "
@@ -424,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_common_arguments(parser, out=OUT)
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.lrs, args.seeds, args.steps, args.warmup, args.eval_every = "64x2x4", [1e-3, 3e-3], [0, 1], 4, 1, 2
+        args.size, args.lrs, args.seeds = "64x2x4", [1e-3, 3e-3], [0, 1]
+        args.steps, args.warmup, args.eval_every = 4, 1, 2
         args.lengths, args.distractors, args.eval_distractors = [32, 64], [1, 2], [0, 2]
         args.eval_examples, args.probe_examples, args.batch_size, args.grow = 8, 2, 4, 0
     args.size = str(lab.Shape.parse(args.size))
@@ -441,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     results.put("environment", lab.environment())
     longest = max(args.lengths + (args.eval_lengths or [])) + 1 + args.queries * (RECORD + 1)
     base_task = {name: getattr(args, name) for name in (
-        "size", "steps", "warmup", "batch_size", "lengths", "eval_lengths", "distractors", "eval_distractors", "queries",
-        "eval_examples", "eval_every", "probe_examples", "device")}
+        "size", "steps", "warmup", "batch_size", "lengths", "eval_lengths", "distractors", "eval_distractors",
+        "queries", "eval_examples", "eval_every", "probe_examples", "device")}
     base_task["max_positions"] = longest
     started = time.perf_counter()
     lab.execute(planner(settings, results, base_task, out / "cache"), run, results, jobs=args.jobs,
