@@ -247,6 +247,17 @@ def chosen_checkpoints(results_dir: Path) -> list[dict]:
     return found
 
 
+def forget_unchosen(results: lab.Results, prefix: str, chosen: set[str]) -> None:
+    """Drops the probes of models the experiment no longer chooses (its sweep moved a best rate, say), so the report
+    covers the chosen ones only; an experiment whose checkpoints are not here (none chosen) keeps its probes."""
+    if not chosen:
+        return
+    for key in [key for key in results.runs if key.startswith(prefix) and key not in chosen]:
+        del results.runs[key]
+        print(f"[probes] dropped {key}: no longer a chosen model", flush=True)
+    results.save()
+
+
 def probe_language_model(job: dict, args, held_out: torch.Tensor) -> dict:
     model, _ = lab.load_checkpoint(Path(job["checkpoint"]), device=args.device)
     record = {"outliers": outliers(model, held_out[: args.outlier_blocks].to(args.device))}
@@ -398,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[probes] {key}: {record['outliers']['logit_top'][0]:.1f} top logit", flush=True)
 
     retrieval_jobs = chosen_checkpoints(args.retrieval_out)
+    for prefix, jobs in (("scratch/", scratch_jobs), ("retrieval/", retrieval_jobs)):
+        forget_unchosen(results, prefix, {f"{prefix}{job['key']}" for job in jobs})
     if retrieval_jobs:
         stored = json.loads((args.retrieval_out / "results.json").read_text())["settings"]
         cells = retrieval.eval_cells(stored["lengths"], stored["eval_distractors"])

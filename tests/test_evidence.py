@@ -404,6 +404,18 @@ def test_probes_quick_run_reads_the_trained_models(quick, tmp_path):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_probes_forget_the_models_an_experiment_no_longer_chooses(probes, tmp_path):
+    results = probes.lab.Results(tmp_path / "results.json", {"quick": True})
+    old, chosen = "retrieval/llama/lr0.002/seed1", "retrieval/llama/lr0.001/seed1"
+    other = "scratch/64x2x4/llama/lr0.003/seed0"
+    for key in (old, chosen, other):
+        results.add(key, {"seed": 1})
+    probes.forget_unchosen(results, "retrieval/", {chosen})
+    probes.forget_unchosen(results, "scratch/", set())  # its checkpoints are not here: its probes stay
+    assert set(results.runs) == {chosen, other}
+    assert set(json.loads((tmp_path / "results.json").read_text())["runs"]) == {chosen, other}
+
+
 def test_recovery_report_from_metrics(tmp_path):
     recovery = load("recovery")
     curve = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
