@@ -328,8 +328,21 @@ def write_report(results: lab.Results, out: Path) -> None:
               lab.markdown_table(["comparison", "Δ error (mean ± 95% CI)", "seeds more accurate"],
                                  [[name, f"{c['mean_difference']:+.3f} ± {c['ci95']:.3f}", f"{c['wins']}/{c['n']}"]
                                   for name, c in summary["comparisons"].items()]), ""]
+    lines += superseded_notes(results)
     (out / "results.md").write_text("\n".join(lines))
     plot(summary, settings, out)
+
+
+def superseded_notes(results: lab.Results) -> list[str]:
+    """Runs trained again, each with its first accuracy, the new one and why (results.json's `superseded`)."""
+    superseded = results.data.get("superseded", {})
+    if not superseded:
+        return []
+    lines = ["Runs trained again, their first record kept under `superseded` in results.json:", ""]
+    for key, first in superseded.items():
+        again = f"trained again: {results.runs[key]['accuracy']:.3f}" if key in results.runs else "not trained again"
+        lines.append(f"- {key}: {first['accuracy']:.3f} at first, {again} ({first['reason']})")
+    return lines + [""]
 
 
 def plot(summary: dict, settings: dict, out: Path) -> None:

@@ -269,6 +269,16 @@ def test_retrieval_quick_run_writes_results(quick):
     assert (quick["retrieval"] / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_retrieval_report_names_the_runs_trained_again(retrieval, tmp_path):
+    results = retrieval.lab.Results(tmp_path / "results.json", {})
+    results.add("diff-v1/lr0.002/seed0", {"accuracy": 0.661})
+    results.put("superseded", {key: {"accuracy": 0.927, "reason": "an earlier backward pass"}
+                               for key in ("diff-v1/lr0.002/seed0", "diff-v1/lr0.002/seed1")})
+    notes = "\n".join(retrieval.superseded_notes(results))
+    assert "- diff-v1/lr0.002/seed0: 0.927 at first, trained again: 0.661 (an earlier backward pass)" in notes
+    assert "- diff-v1/lr0.002/seed1: 0.927 at first, not trained again" in notes
+
+
 def test_retrieval_extend_trains_on_from_the_shorter_runs_models(retrieval, quick, tmp_path, capsys):
     source, threads = quick["retrieval"] / "results.json", str(torch.get_num_threads())
 
