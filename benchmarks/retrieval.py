@@ -307,12 +307,14 @@ def write_report(results: lab.Results, out: Path) -> None:
         f"{s['queries']} queries each), accuracy = both value tokens right.", "",
         lab.markdown_table(
             ["model", "non-embedding parameters", f"accuracy by lr (seed {s['seeds'][0]})", "best lr", "seeds",
-             "accuracy (mean ± std over seeds, all cells)", "answers that are a distractor's value"],
+             "accuracy (mean ± std over seeds, all cells)", "accuracy by seed",
+             "answers that are a distractor's value"],
             [[kind, f"{m['parameters']['non_embedding']:,}" if "parameters" in m else "–",
               " / ".join(f"{m['sweep'][lr]:.3f}" if lr in m["sweep"] else "–"
                          for lr in (grid if kind not in s["lr_from"] else [s["lr_from"][kind]])),
               f"{m['best_lr']:g}" if "best_lr" in m else "–", len(m.get("accuracy_by_seed", {})),
               f"{m['accuracy_mean']:.3f} ± {m['accuracy_std']:.3f}" if "best_lr" in m else "–",
+              " / ".join(f"{a:.2f}" for a in m.get("accuracy_by_seed", {}).values()) or "–",
               f"{m['distractor_errors_mean']:.3f}" if "best_lr" in m else "–"]
              for kind, m in summary["models"].items()]), "",
         "Accuracy by cell (context length / distractors), mean ± std over seeds:", "",
