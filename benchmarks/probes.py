@@ -252,10 +252,12 @@ def forget_unchosen(results: lab.Results, prefix: str, chosen: set[str]) -> None
     covers the chosen ones only; an experiment whose checkpoints are not here (none chosen) keeps its probes."""
     if not chosen:
         return
-    for key in [key for key in results.runs if key.startswith(prefix) and key not in chosen]:
+    stale = [key for key in results.runs if key.startswith(prefix) and key not in chosen]
+    for key in stale:
         del results.runs[key]
         print(f"[probes] dropped {key}: no longer a chosen model", flush=True)
-    results.save()
+    if stale:
+        results.save()
 
 
 def probe_language_model(job: dict, args, held_out: torch.Tensor) -> dict:
