@@ -117,7 +117,8 @@ def outliers(model, input_ids: torch.Tensor) -> dict:
 
 
 def regions(example: retrieval.Example, query: int) -> torch.Tensor:
-    """Per context position up to the query's last key symbol: 0 the queried record, 1 a distractor record, 2 the rest."""
+    """Per context position up to the query's last key symbol: 0 the queried record, 1 a distractor record,
+    2 the rest."""
     position, index = example.queries[query]
     label = torch.full((position + 1,), 2)
     for i, (start, _, _) in enumerate(example.records):
@@ -127,8 +128,8 @@ def regions(example: retrieval.Example, query: int) -> torch.Tensor:
 
 @torch.no_grad()
 def allocation(model, examples: list[retrieval.Example]) -> dict:
-    """Each layer's attention shares (queried record, distractors, rest) at the first query's last key symbol, mean over heads
-    and examples; and the largest share on the queried record of any single head."""
+    """Each layer's attention shares (queried record, distractors, rest) at the first query's last key symbol, mean
+    over heads and examples; and the largest share on the queried record of any single head."""
     shares, best_head = [], []
     for example in examples:
         position, _ = example.queries[0]
@@ -150,7 +151,8 @@ def allocation(model, examples: list[retrieval.Example]) -> dict:
 
 
 def plot_maps(models: dict, example: retrieval.Example, out: Path) -> None:
-    """One example, one panel a model: each layer's attention row (mean over heads) at the first query's last key symbol."""
+    """One example, one panel a model: each layer's attention row (mean over heads) at the first query's last key
+    symbol."""
     plt = lab.pyplot()
     position, index = example.queries[0]
     label = regions(example, 0)
@@ -225,8 +227,9 @@ WIDTHS = [("fp32", None, None)] + [(f"int{b} {g}", b, size) for b in BITS
 # --- the models and the plan -----------------------------------------------------------------------------------
 
 
-def chosen_checkpoints(results_dir: Path) -> list[dict]:
-    """Every seed at its model's chosen rate, from a finished (or partial) scratch or retrieval results file."""
+def chosen_runs(results_dir: Path) -> list[dict]:
+    """Every seed at its model's chosen rate, from a finished (or partial) scratch or retrieval results file, with
+    where its checkpoint would be (it may have been deleted, or never kept)."""
     path = results_dir / "results.json"
     if not path.is_file():
         return []
@@ -241,15 +244,20 @@ def chosen_checkpoints(results_dir: Path) -> list[dict]:
             for seed in model.get("loss_by_seed", model.get("accuracy_by_seed", {})):
                 key = "/".join(p for p in (size, kind, f"lr{model['best_lr']:g}", f"seed{seed}") if p)
                 checkpoint = results_dir / "cache" / "checkpoints" / (key.replace("/", "_") + ".pt")
-                if checkpoint.is_file():
-                    found.append({"key": key, "size": size, "kind": kind, "seed": int(seed),
-                                  "checkpoint": str(checkpoint)})
+                found.append({"key": key, "size": size, "kind": kind, "seed": int(seed),
+                              "checkpoint": str(checkpoint)})
     return found
+
+
+def chosen_checkpoints(results_dir: Path) -> list[dict]:
+    """The chosen runs whose checkpoints are here: the ones that can be probed."""
+    return [run for run in chosen_runs(results_dir) if Path(run["checkpoint"]).is_file()]
 
 
 def forget_unchosen(results: lab.Results, prefix: str, chosen: set[str]) -> None:
     """Drops the probes of models the experiment no longer chooses (its sweep moved a best rate, say), so the report
-    covers the chosen ones only; an experiment whose checkpoints are not here (none chosen) keeps its probes."""
+    covers the chosen ones only. `chosen` comes from the experiment's results file, not from the checkpoints present:
+    a chosen model's probes stay when its checkpoint is gone; an experiment without a results file keeps its probes."""
     if not chosen:
         return
     stale = [key for key in results.runs if key.startswith(prefix) and key not in chosen]
@@ -411,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[probes] {key}: {record['outliers']['logit_top'][0]:.1f} top logit", flush=True)
 
     retrieval_jobs = chosen_checkpoints(args.retrieval_out)
-    for prefix, jobs in (("scratch/", scratch_jobs), ("retrieval/", retrieval_jobs)):
-        forget_unchosen(results, prefix, {f"{prefix}{job['key']}" for job in jobs})
+    for prefix, folder in (("scratch/", args.scratch_out), ("retrieval/", args.retrieval_out)):
+        forget_unchosen(results, prefix, {f"{prefix}{run['key']}" for run in chosen_runs(folder)})
     if retrieval_jobs:
         stored = json.loads((args.retrieval_out / "results.json").read_text())["settings"]
         cells = retrieval.eval_cells(stored["lengths"], stored["eval_distractors"])

@@ -415,15 +415,24 @@ def test_probes_quick_run_reads_the_trained_models(quick, tmp_path):
 
 
 def test_probes_forget_the_models_an_experiment_no_longer_chooses(probes, tmp_path):
+    experiment = tmp_path / "retrieval"
+    (experiment / "cache" / "checkpoints").mkdir(parents=True)
+    summary = {"models": {"llama": {"best_lr": 1e-3, "accuracy_by_seed": {"0": 0.6, "1": 0.7}},
+                          "diff-v1": {"sweep": {"0.001": 0.5}}}}  # still sweeping: nothing chosen yet
+    (experiment / "results.json").write_text(json.dumps({"summary": summary}))
+    (experiment / "cache" / "checkpoints" / "llama_lr0.001_seed0.pt").write_bytes(b"")  # seed 1's is gone
+    assert [run["key"] for run in probes.chosen_runs(experiment)] == ["llama/lr0.001/seed0", "llama/lr0.001/seed1"]
+    assert [run["key"] for run in probes.chosen_checkpoints(experiment)] == ["llama/lr0.001/seed0"]
+
     results = probes.lab.Results(tmp_path / "results.json", {"quick": True})
-    old, chosen = "retrieval/llama/lr0.002/seed1", "retrieval/llama/lr0.001/seed1"
+    old, kept = "retrieval/llama/lr0.002/seed1", "retrieval/llama/lr0.001/seed1"
     other = "scratch/64x2x4/llama/lr0.003/seed0"
-    for key in (old, chosen, other):
+    for key in (old, kept, other):
         results.add(key, {"seed": 1})
-    probes.forget_unchosen(results, "retrieval/", {chosen})
-    probes.forget_unchosen(results, "scratch/", set())  # its checkpoints are not here: its probes stay
-    assert set(results.runs) == {chosen, other}
-    assert set(json.loads((tmp_path / "results.json").read_text())["runs"]) == {chosen, other}
+    probes.forget_unchosen(results, "retrieval/", {f"retrieval/{run['key']}" for run in probes.chosen_runs(experiment)})
+    probes.forget_unchosen(results, "scratch/", set())  # no results file for it: its probes stay
+    assert set(results.runs) == {kept, other}
+    assert set(json.loads((tmp_path / "results.json").read_text())["runs"]) == {kept, other}
 
 
 def test_recovery_report_from_metrics(tmp_path):
