@@ -274,7 +274,9 @@ def summarise(settings: dict, runs: dict) -> dict:
             "accuracy_std": lab.mean_std([r["accuracy"] for r in chosen.values()])[1],
             "distractor_errors_mean": statistics.fmean(
                 statistics.fmean(cell["distractor_errors"] for cell in r["grid"].values()) for r in chosen.values()),
-            "cells": {cell: {"mean": m, "std": s} for cell, (m, s) in cells.items()},
+            "cells": {cell: {"mean": m, "std": s,
+                             "by_seed": {seed: run["grid"][cell]["accuracy"] for seed, run in chosen.items()}}
+                      for cell, (m, s) in cells.items()},
             "parameters": next(iter(chosen.values()))["parameters"],
         }
     comparisons = {}
@@ -348,28 +350,36 @@ def superseded_notes(results: lab.Results) -> list[str]:
 
 
 def plot(summary: dict, settings: dict, out: Path) -> None:
+    """Accuracy against context length and against distractors: each model's mean over seeds as a line, each seed
+    as a faint dot (the seeds of a model can split into groups that a mean and a spread would hide)."""
     plt = lab.pyplot()
     done = {kind: m for kind, m in summary["models"].items() if "cells" in m}
     figure, (by_length, by_distractors) = plt.subplots(1, 2, figsize=(12, 4.2))
+
+    def draw(axis, xs: list[int], values: list[dict], label: str, color=None):
+        line, = axis.plot(xs, [value["mean"] for value in values], marker="o", color=color, label=label)
+        for x, value in zip(xs, values):
+            seeds = list(value.get("by_seed", {}).values())
+            axis.scatter([x] * len(seeds), seeds, s=14, alpha=0.35, color=line.get_color(), linewidths=0)
+        return line
+
     for kind, m in done.items():
         cells = {tuple(map(int, cell.split("/"))): value for cell, value in m["cells"].items()}
         lengths = sorted({length for length, _ in cells})
         # the most distractors that every context length holds, so the line spans the lengths
         top = max(d for d in {d for _, d in cells} if all((length, d) in cells for length in lengths))
-        line, _, _ = by_length.errorbar(lengths, [cells[(length, top)]["mean"] for length in lengths],
-                                        yerr=[cells[(length, top)]["std"] for length in lengths], marker="o",
-                                        capsize=3, label=f"{kind}, {top} distractors")
+        line = draw(by_length, lengths, [cells[(length, top)] for length in lengths], f"{kind}, {top} distractors")
         longest = max(length for length, _ in cells)
         counts = sorted(d for length, d in cells if length == longest)
-        by_distractors.errorbar(counts, [cells[(longest, d)]["mean"] for d in counts],
-                                yerr=[cells[(longest, d)]["std"] for d in counts], marker="o", capsize=3,
-                                color=line.get_color(), label=f"{kind}, length {longest}")
-    by_length.set(xscale="log", xlabel="context length (tokens)", ylabel="accuracy (mean ± std of seeds)",
+        draw(by_distractors, counts, [cells[(longest, d)] for d in counts], f"{kind}, length {longest}",
+             line.get_color())
+    by_length.set(xscale="log", xlabel="context length (tokens)", ylabel="accuracy (mean of seeds; dots: seeds)",
                   ylim=(0, 1.02))
-    by_distractors.set(xlabel="distractor records", ylabel="accuracy (mean ± std of seeds)", ylim=(0, 1.02))
+    by_distractors.set(xlabel="distractor records", ylabel="accuracy (mean of seeds; dots: seeds)", ylim=(0, 1.02))
     for axis in (by_length, by_distractors):
         axis.legend(fontsize=8)
-    figure.suptitle(f"Retrieval among distractors, from scratch ({settings['size']})")
+    how = "trained on from shorter contexts" if settings.get("extend") else "from scratch"
+    figure.suptitle(f"Retrieval among distractors, {how} ({settings['size']})")
     figure.tight_layout()
     figure.savefig(out / "accuracy.png", dpi=100)
     plt.close(figure)
