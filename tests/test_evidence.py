@@ -266,6 +266,12 @@ def test_retrieval_quick_run_writes_results(quick):
     for run in data["runs"].values():
         assert set(run["grid"]) == cells and all(0 <= c["accuracy"] <= 1 for c in run["grid"].values())
     assert "diff-v2 vs llama-wide" in (quick["retrieval"] / "results.md").read_text()
+    # each cell keeps every chosen seed's accuracy (the plot draws them), and its mean is theirs
+    assert all("cells" in model for model in data["summary"]["models"].values())
+    for kind, model in data["summary"]["models"].items():
+        for cell, value in model.get("cells", {}).items():
+            assert set(value["by_seed"]) == set(model["accuracy_by_seed"]), (kind, cell)
+            assert value["mean"] == pytest.approx(sum(value["by_seed"].values()) / len(value["by_seed"]))
     assert (quick["retrieval"] / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
