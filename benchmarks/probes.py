@@ -299,11 +299,12 @@ def probe_retrieval_model(job: dict, args, examples: dict, longest: list) -> dic
 
 
 def group_by_model(runs: dict, prefix: str) -> dict:
+    """{model: its records, by seed}, in the order the models were first probed."""
     groups = {}
     for key, record in runs.items():
         if key.startswith(prefix):
             groups.setdefault(record["model"], []).append(record)
-    return groups
+    return {model: sorted(records, key=lambda record: record["seed"]) for model, records in groups.items()}
 
 
 def write_report(results: lab.Results, out: Path) -> None:
@@ -323,10 +324,13 @@ def write_report(results: lab.Results, out: Path) -> None:
             rows.append([model, len(records), *(f"{v:.3f}" for v in every.mean(0).tolist()),
                          f"{last[:, 0].mean():.3f} / {last[:, 2].mean():.3f}",
                          f"{best}: {by_layer[best][0]:.3f} / {by_layer[best][2]:.3f}",
-                         f"{statistics.fmean(r['allocation']['best_head_record_share'] for r in records):.3f}"])
+                         f"{statistics.fmean(r['allocation']['best_head_record_share'] for r in records):.3f}",
+                         " / ".join(f"{r['allocation']['all_layers'][0]:.2f}" for r in records),
+                         " / ".join(f"{r['allocation']['all_layers'][2]:.2f}" for r in records)])
         lines.append(lab.markdown_table(
             ["model", "seeds", "queried record (all layers)", "distractors", "rest (noise)",
-             "last layer: record / rest", "best layer: record / rest", "best head: record"], rows))
+             "last layer: record / rest", "best layer: record / rest", "best head: record",
+             "queried record, by seed", "rest, by seed"], rows))
         lines += ["", "![attention maps](attention_maps.png)", ""]
     lines += ["## Activation outliers", "",
               "Largest pre-softmax attention logit and hidden-state entry, and each over its median |value| "

@@ -416,6 +416,10 @@ def test_probes_quick_run_reads_the_trained_models(quick, tmp_path):
         assert sum(run["allocation"]["all_layers"]) == pytest.approx(1.0)
     table = (tmp_path / "results.md").read_text()
     assert "Attention allocation" in table and "Weight-only quantisation (rtn)" in table
+    # each seed's share of the queried record, in seed order
+    llama = sorted((run for run in retrieval_runs if run["model"] == "llama"), key=lambda run: run["seed"])
+    by_seed = " / ".join(f"{run['allocation']['all_layers'][0]:.2f}" for run in llama)
+    assert any(line.startswith("| llama |") and f"| {by_seed} |" in line for line in table.splitlines())
     for plot in ("attention_maps.png", "quantization.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
