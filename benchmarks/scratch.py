@@ -317,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="sizes the ablations run at: SIZE,SIZE for every ablation, KIND=SIZE,SIZE for one "
                         "(default: every size)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2])
-    parser.add_argument("--size-lrs", nargs="*", default=["256x8x16=7.5e-4,1.5e-3,3e-3,6e-3"], metavar="SIZE=LR,LR",
-                        help="a sweep of its own at a size (default: the larger one stops at 6e-3; it stopped at "
-                        "3e-3 until version 1's best sat there)")
+    parser.add_argument("--size-lrs", nargs="*", default=["256x8x16=3.75e-4,7.5e-4,1.5e-3,3e-3,6e-3"],
+                        metavar="SIZE=LR,LR", help="a sweep of its own at a size (default: the larger one spans "
+                        "3.75e-4 to 6e-3; it grew from 7.5e-4..3e-3 at each end while some model's best sat there)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the first one sweeps")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=15)
