@@ -359,7 +359,7 @@ def plot(summary: dict, settings: dict, out: Path) -> None:
     def draw(axis, xs: list[int], values: list[dict], label: str, color=None):
         line, = axis.plot(xs, [value["mean"] for value in values], marker="o", color=color, label=label)
         for x, value in zip(xs, values):
-            seeds = list(value.get("by_seed", {}).values())
+            seeds = list(value["by_seed"].values())
             axis.scatter([x] * len(seeds), seeds, s=14, alpha=0.35, color=line.get_color(), linewidths=0)
         return line
 
