@@ -266,17 +266,16 @@ def summarise(settings: dict, runs: dict) -> dict:
             models[kind] = {"sweep": swept}
             continue
         chosen = {seed: runs[key] for seed in settings["seeds"] if (key := run_key(kind, lr, seed)) in runs}
-        cells = {cell: lab.mean_std([run["grid"][cell]["accuracy"] for run in chosen.values()])
-                 for cell in next(iter(chosen.values()))["grid"]}
+        by_cell = {cell: {seed: run["grid"][cell]["accuracy"] for seed, run in chosen.items()}
+                   for cell in next(iter(chosen.values()))["grid"]}
+        accuracy_mean, accuracy_std = lab.mean_std([r["accuracy"] for r in chosen.values()])
         models[kind] = {
             "sweep": swept, "best_lr": lr, "accuracy_by_seed": {s: r["accuracy"] for s, r in chosen.items()},
-            "accuracy_mean": lab.mean_std([r["accuracy"] for r in chosen.values()])[0],
-            "accuracy_std": lab.mean_std([r["accuracy"] for r in chosen.values()])[1],
+            "accuracy_mean": accuracy_mean, "accuracy_std": accuracy_std,
             "distractor_errors_mean": statistics.fmean(
                 statistics.fmean(cell["distractor_errors"] for cell in r["grid"].values()) for r in chosen.values()),
-            "cells": {cell: {"mean": m, "std": s,
-                             "by_seed": {seed: run["grid"][cell]["accuracy"] for seed, run in chosen.items()}}
-                      for cell, (m, s) in cells.items()},
+            "cells": {cell: dict(zip(("mean", "std"), lab.mean_std(list(by_seed.values()))), by_seed=by_seed)
+                      for cell, by_seed in by_cell.items()},
             "parameters": next(iter(chosen.values()))["parameters"],
         }
     comparisons = {}

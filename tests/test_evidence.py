@@ -269,7 +269,7 @@ def test_retrieval_quick_run_writes_results(quick):
     # each cell keeps every chosen seed's accuracy (the plot draws them), and its mean is theirs
     assert all("cells" in model for model in data["summary"]["models"].values())
     for kind, model in data["summary"]["models"].items():
-        for cell, value in model.get("cells", {}).items():
+        for cell, value in model["cells"].items():
             assert set(value["by_seed"]) == set(model["accuracy_by_seed"]), (kind, cell)
             assert value["mean"] == pytest.approx(sum(value["by_seed"].values()) / len(value["by_seed"]))
     assert (quick["retrieval"] / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
